@@ -1,0 +1,18 @@
+"""fastmeta: fast, correct gradient-based meta-learning for PyTorch.
+
+Task parameters are rows of a ``[T, D]`` matrix; every algorithm is algebra on those rows,
+evaluated per task by ``vmap`` or a per-task loop (see ``fastmeta.batched``).
+"""
+import torch  # noqa: F401  (must precede the native extension: it needs libc10/libtorch loaded)
+
+from .algorithms import FOMAML, MAML, Algorithm, MetaResult
+from .batched import Evaluator
+from .learner import EvalResult, MetaLearner, StepResult
+from .models import Conv4, SineMLP
+from .params import ParamLayout
+from .tasks import TaskBatch
+
+__version__ = "0.1.0"
+
+__all__ = ["MAML", "FOMAML", "Algorithm", "MetaResult", "MetaLearner", "StepResult", "EvalResult",
+           "Evaluator", "ParamLayout", "TaskBatch", "Conv4", "SineMLP", "__version__"]

@@ -1,0 +1,137 @@
+"""Omniglot in its standard on-disk layout, and N-way K-shot task sampling.
+
+Layout (Lake et al.'s own release, and the ``images_background`` / ``images_evaluation`` sets):
+``<root>/<Alphabet>/characterNN/XXXX_YY.png``. A root may also be a ``.zip`` of that layout
+(with or without one top-level folder). Several roots merge; characters are deduplicated by
+``(alphabet, character)``. Nothing is ever downloaded: pass your own copy.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from ..tasks import TaskBatch
+
+
+def _image_to_tensor(data: bytes, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("L")
+    try:
+        from torchvision.transforms import v2 as T
+
+        t = T.Compose([T.PILToTensor(), T.Resize((size, size), antialias=True), T.ToDtype(torch.float32, scale=True)])(img)
+    except Exception:  # torchvision absent or broken beside this torch: same resize through PIL
+        img = img.resize((size, size), Image.BILINEAR)
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, size, size).float() / 255
+    return 1.0 - t  # strokes are black on white: make strokes 1 and background 0
+
+
+def _entries(root: Path) -> Iterable[tuple[str, str, str, callable]]:
+    """``(alphabet, character, file name, read())`` for every PNG under ``root``."""
+    if root.is_file() and zipfile.is_zipfile(root):
+        zf = zipfile.ZipFile(root)
+        for name in sorted(zf.namelist()):
+            parts = name.split("/")
+            if name.endswith(".png") and len(parts) >= 3:
+                yield parts[-3], parts[-2], parts[-1], (lambda n=name: zf.read(n))
+        return
+    if not root.is_dir():
+        raise ValueError(f"root: {root} is neither a directory nor a zip file")
+    files = sorted(root.glob("*/*/*.png")) or sorted(root.glob("*/*/*/*.png"))
+    for f in files:
+        yield f.parent.parent.name, f.parent.name, f.name, f.read_bytes
+
+
+class Omniglot:
+    """All characters found under ``roots``, as images ``[n_drawings, 1, size, size]`` per character.
+
+    Attributes:
+        classes: list of ``(alphabet, character)``.
+        images: list of tensors ``[n_i, 1, size, size]``, float in [0, 1], strokes = 1.
+        alphabets: sorted alphabet names.
+    """
+
+    def __init__(self, roots, image_size: int = 28):
+        if isinstance(roots, (str, Path)):
+            roots = [roots]
+        groups: dict[tuple[str, str], dict[str, callable]] = {}
+        for r in roots:
+            for alpha, char, fname, read in _entries(Path(r)):
+                groups.setdefault((alpha, char), {}).setdefault(fname, read)
+        if not groups:
+            raise ValueError(f"roots: no '<Alphabet>/<character>/*.png' images found under {list(map(str, roots))}")
+        self.classes = sorted(groups)
+        self.images = [torch.stack([_image_to_tensor(read(), image_size) for _, read in sorted(groups[c].items())])
+                       for c in self.classes]
+        self.alphabets = sorted({a for a, _ in self.classes})
+        self.image_size = image_size
+
+    def class_indices(self, alphabets: Sequence[str]) -> list[int]:
+        unknown = set(alphabets) - set(self.alphabets)
+        if unknown:
+            raise ValueError(f"alphabets: unknown {sorted(unknown)}; available {self.alphabets}")
+        keep = set(alphabets)
+        return [i for i, (a, _) in enumerate(self.classes) if a in keep]
+
+
+def split_alphabets(alphabets: Sequence[str], n_test: int, n_val: int = 0, seed: int = 0
+                    ) -> tuple[list[str], list[str], list[str]]:
+    """Disjoint ``(train, val, test)`` alphabet lists, chosen by a seeded permutation."""
+    if n_test < 1 or n_test + n_val >= len(alphabets):
+        raise ValueError(f"n_test/n_val: need 1 <= n_test and n_test + n_val < {len(alphabets)} alphabets")
+    order = torch.randperm(len(alphabets), generator=torch.Generator().manual_seed(seed)).tolist()
+    names = [sorted(alphabets)[i] for i in order]
+    return sorted(names[n_test + n_val:]), sorted(names[n_test:n_test + n_val]), sorted(names[:n_test])
+
+
+class OmniglotTasks:
+    """N-way K-shot Omniglot tasks over the characters of ``alphabets``.
+
+    Each task picks ``ways`` characters (with ``rotations=True`` each character in each of the
+    four 90-degree rotations is its own class, as in Finn et al. 2017), then ``shots`` support and
+    ``queries`` query drawings per class; labels ``0..ways-1`` are assigned in random order.
+    ``sample(T)`` -> :class:`TaskBatch` with ``[T, ways*shots, 1, s, s]`` support and
+    ``[T, ways*queries, 1, s, s]`` query images.
+    """
+
+    def __init__(self, data: Omniglot, alphabets: Sequence[str], ways: int = 5, shots: int = 1,
+                 queries: int = 15, rotations: bool = False, seed: Optional[int] = 0,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        self.classes = data.class_indices(alphabets)
+        self.rot = 4 if rotations else 1
+        n_cls = len(self.classes) * self.rot
+        if ways < 2 or ways > n_cls:
+            raise ValueError(f"ways: expected 2 <= ways <= {n_cls} classes in {list(alphabets)}, got {ways}")
+        min_draw = min(data.images[c].shape[0] for c in self.classes)
+        if shots < 1 or queries < 1 or shots + queries > min_draw:
+            raise ValueError(f"shots/queries: need shots, queries >= 1 and shots + queries <= {min_draw} drawings per class")
+        self.data, self.ways, self.shots, self.queries = data, ways, shots, queries
+        self.dtype, self.device = dtype, device
+        self.gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+
+    def sample(self, num_tasks: int) -> TaskBatch:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks: expected >= 1, got {num_tasks}")
+        n_per = self.shots + self.queries
+        xs, ys = [], []
+        for _ in range(num_tasks):
+            picks = torch.randperm(len(self.classes) * self.rot, generator=self.gen)[: self.ways].tolist()
+            imgs = []
+            for p in picks:
+                pool = self.data.images[self.classes[p // self.rot]]
+                sel = pool[torch.randperm(pool.shape[0], generator=self.gen)[:n_per]]
+                imgs.append(torch.rot90(sel, k=p % self.rot, dims=(-2, -1)))
+            xs.append(torch.stack(imgs))  # [ways, shots+queries, 1, s, s]
+        x = torch.stack(xs)  # [T, ways, n_per, 1, s, s]
+        y = torch.arange(self.ways).view(1, self.ways, 1).expand(num_tasks, self.ways, n_per)
+        sx = x[:, :, : self.shots].reshape(num_tasks, self.ways * self.shots, *x.shape[3:])
+        qx = x[:, :, self.shots:].reshape(num_tasks, self.ways * self.queries, *x.shape[3:])
+        sy = y[:, :, : self.shots].reshape(num_tasks, -1)
+        qy = y[:, :, self.shots:].reshape(num_tasks, -1)
+        return TaskBatch(sx.to(self.device, self.dtype), sy.to(self.device), qx.to(self.device, self.dtype),
+                         qy.to(self.device), ways=self.ways)

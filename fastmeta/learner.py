@@ -1,0 +1,198 @@
+"""``MetaLearner``: the drop-in driver that replaces a hand-written MAML step."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .algorithms.base import Algorithm, MetaResult
+from .batched import STRATEGIES, Evaluator, resolve_loss
+from .params import Adapt, ParamLayout
+from .tasks import TaskBatch
+
+
+@dataclass
+class StepResult:
+    """What :meth:`MetaLearner.step` returns: mean post-adaptation query loss (and accuracy)."""
+
+    loss: float
+    accuracy: Optional[float] = None
+    per_task_loss: Optional[torch.Tensor] = None
+
+
+@dataclass
+class EvalResult:
+    """Meta-test summary over T tasks: means and 95% confidence half-widths (1.96 * std / sqrt(T))."""
+
+    loss: float
+    loss_ci95: float
+    accuracy: Optional[float]
+    accuracy_ci95: Optional[float]
+    num_tasks: int
+    per_task_loss: torch.Tensor
+    per_task_accuracy: Optional[torch.Tensor]
+
+    def __str__(self) -> str:
+        s = f"loss {self.loss:.4f} ± {self.loss_ci95:.4f}"
+        if self.accuracy is not None:
+            s += f", accuracy {100 * self.accuracy:.2f}% ± {100 * self.accuracy_ci95:.2f}%"
+        return s + f" (95% CI over {self.num_tasks} tasks)"
+
+
+def _ci95(x: torch.Tensor) -> float:
+    n = x.numel()
+    return float(1.96 * x.double().std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-task accuracy ``[T]`` from logits ``[T, N, C]`` and labels ``[T, N]``."""
+    return (out.argmax(-1) == y).double().mean(1)
+
+
+class MetaLearner:
+    """Meta-train and meta-test ``model`` with ``algorithm`` on :class:`TaskBatch` meta-batches.
+
+    Args:
+        model: any ``nn.Module`` mapping ``[N, ...]`` inputs to ``[N, ...]`` outputs.
+        algorithm: e.g. ``fastmeta.MAML(inner_lr=0.4)``.
+        loss_fn: ``"cross_entropy"`` (default; accuracy is reported), ``"mse"``, or a functional
+            loss accepting ``reduction=`` such as ``F.cross_entropy``.
+        adapt: which parameters the inner loop adapts: ``"all"``, ``"head"`` (ANIL) or names.
+        strategy: ``"auto"`` (time ``vmap`` and ``loop`` on the first batch, keep the faster),
+            ``"vmap"`` or ``"loop"``. See :mod:`fastmeta.batched`.
+
+    ``step(batch)`` writes the meta-gradient (mean over tasks) into ``.grad`` of the model's
+    parameters, so any ``torch.optim`` optimizer can step it::
+
+        learner = fastmeta.MetaLearner(model, fastmeta.MAML(inner_lr=0.4))
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        for batch in tasks:
+            opt.zero_grad()
+            learner.step(batch)
+            opt.step()
+    """
+
+    def __init__(self, model: nn.Module, algorithm: Algorithm, loss_fn="cross_entropy",
+                 adapt: Adapt = "all", strategy: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if not isinstance(algorithm, Algorithm):
+            raise ValueError(f"algorithm: expected a fastmeta algorithm (e.g. fastmeta.MAML), got {type(algorithm).__name__}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        self.model = model
+        self.algorithm = algorithm
+        self.loss_fn, self.classification = resolve_loss(loss_fn)
+        self.layout = ParamLayout(model, adapt)
+        self.strategy = strategy
+        self.strategy_timings: dict[str, float] = {}
+        self.strategy_reason: str = "" if strategy == "auto" else "chosen by the caller"
+        self._ev: Optional[Evaluator] = None if strategy == "auto" else Evaluator(model, self.layout, self.loss_fn, strategy)
+
+    # ------------------------------------------------------------------ strategy
+    def evaluator(self, batch: Optional[TaskBatch] = None) -> Evaluator:
+        """The evaluator in use; under ``"auto"`` the first call with a batch measures both."""
+        if self._ev is None:
+            if batch is None:
+                raise ValueError("batch: strategy='auto' needs a first batch to measure on")
+            self._ev = self._choose(batch)
+        return self._ev
+
+    def _choose(self, batch: TaskBatch) -> Evaluator:
+        # Time one meta-gradient of each strategy on (up to) 4 tasks, after one warm-up call, and
+        # keep the faster; per-task costs scale the same way for both, so a small sub-batch
+        # suffices and keeps the measurement cheap on conv nets. A strategy that fails (e.g. a
+        # model vmap cannot trace) is skipped with its reason.
+        sub = batch.select(slice(0, min(4, batch.num_tasks)))
+        theta = self.layout.flatten(self.model)
+        errors = {}
+        for name in ("loop", "vmap"):
+            ev = Evaluator(self.model, self.layout, self.loss_fn, name)
+            try:
+                best = float("inf")
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    self.algorithm.meta_grad(ev, self.layout, theta, sub)
+                    best = min(best, time.perf_counter() - t0)
+                self.strategy_timings[name] = best
+            except Exception as e:  # noqa: BLE001 - any failure disqualifies the strategy
+                errors[name] = f"{type(e).__name__}: {e}"
+        if not self.strategy_timings:
+            raise RuntimeError(f"strategy: neither 'loop' nor 'vmap' could evaluate this model: {errors}")
+        chosen = min(self.strategy_timings, key=self.strategy_timings.get)
+        times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.strategy_timings.items())
+        self.strategy_reason = f"auto: measured on {sub.num_tasks} tasks ({times})" + (
+            f"; failed: {errors}" if errors else "")
+        return Evaluator(self.model, self.layout, self.loss_fn, chosen)
+
+    @property
+    def chosen_strategy(self) -> Optional[str]:
+        return None if self._ev is None else self._ev.strategy
+
+    # ------------------------------------------------------------------ training
+    def _check_batch(self, batch: TaskBatch) -> None:
+        if not isinstance(batch, TaskBatch):
+            raise ValueError(f"batch: expected a fastmeta.TaskBatch, got {type(batch).__name__}")
+        if batch.device != self.layout.device:
+            raise ValueError(f"batch: is on {batch.device} but the model is on {self.layout.device}")
+        if batch.support_x.is_floating_point() and batch.support_x.dtype != self.layout.dtype:
+            raise ValueError(f"batch: inputs are {batch.support_x.dtype} but the model is {self.layout.dtype}")
+
+    def meta_gradient(self, batch: TaskBatch) -> MetaResult:
+        """The flat meta-gradient ``[P]`` (mean over tasks) without touching ``.grad``."""
+        self._check_batch(batch)
+        ev = self.evaluator(batch)
+        theta = self.layout.flatten(self.model)
+        res = self.algorithm.meta_grad(ev, self.layout, theta, batch)
+        bad = ~torch.isfinite(res.query_loss)
+        if bad.any():
+            raise FloatingPointError(
+                f"loss: non-finite query loss for tasks {bad.nonzero().flatten().tolist()[:8]} "
+                f"(values {res.query_loss[bad][:4].tolist()}); lower inner_lr or the meta learning rate")
+        if not torch.isfinite(res.grad).all():
+            raise FloatingPointError("loss: the meta-gradient is non-finite; lower inner_lr or the meta learning rate")
+        return res
+
+    def step(self, batch: TaskBatch) -> StepResult:
+        """Compute the meta-gradient on ``batch`` and write it into the parameters' ``.grad``
+        (replacing what was there). Returns the mean post-adaptation query loss (and accuracy)."""
+        res = self.meta_gradient(batch)
+        self.layout.write_grad(self.model, res.grad)
+        acc = float(accuracy(res.query_out, batch.query_y).mean()) if self.classification else None
+        return StepResult(float(res.query_loss.mean()), acc, res.query_loss)
+
+    # ------------------------------------------------------------------ meta-testing
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None) -> nn.Module:
+        """A copy of the model adapted to one task's support set ``[N, ...]`` (no graph kept)."""
+        if support_x.dim() < 1 or support_y.shape[:1] != support_x.shape[:1]:
+            raise ValueError(f"support_y: expected {support_x.shape[0]} labels for {support_x.shape[0]} support samples, got shape {tuple(support_y.shape)}")
+        ev = self._ev or Evaluator(self.model, self.layout, self.loss_fn, "loop")
+        theta = self.layout.flatten(self.model)
+        w = self.algorithm.adapt(ev, self.layout, theta, support_x[None], support_y[None], steps)
+        fast = copy.deepcopy(self.model)
+        self.layout.load(fast, torch.cat([w[0], theta[self.layout.D:]]))
+        return fast
+
+    def evaluate(self, batch: TaskBatch, steps: Optional[int] = None) -> EvalResult:
+        """Adapt on each task's support set, score its query set: mean ± 95% CI over tasks."""
+        self._check_batch(batch)
+        ev = self.evaluator(batch)
+        theta = self.layout.flatten(self.model)
+        losses, accs = [], []
+        for sub in ev.chunks(batch):
+            w = self.algorithm.adapt(ev, self.layout, theta, sub.support_x, sub.support_y, steps)
+            with torch.no_grad():
+                q, out = ev.losses(w, theta[self.layout.D:], sub.query_x, sub.query_y, return_outputs=True)
+            losses.append(q)
+            if self.classification:
+                accs.append(accuracy(out, sub.query_y))
+        loss = torch.cat(losses)
+        acc = torch.cat(accs) if accs else None
+        return EvalResult(float(loss.mean()), _ci95(loss),
+                          None if acc is None else float(acc.mean()), None if acc is None else _ci95(acc),
+                          batch.num_tasks, loss, acc)

@@ -1,0 +1,114 @@
+"""``TaskBatch``: a meta-batch of T tasks as tensors with a leading task dimension."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+
+_FIELDS = ("support_x", "support_y", "query_x", "query_y", "hessian_x", "hessian_y")
+
+
+@dataclass
+class TaskBatch:
+    """T tasks, each with a support set (inner loop, D_in) and a query set (outer loss, D_o).
+
+    Shapes (N_s, N_q, N_h samples per task; ``...`` the input's own shape):
+        support_x ``[T, N_s, ...]``, support_y ``[T, N_s, ...]``
+        query_x   ``[T, N_q, ...]``, query_y   ``[T, N_q, ...]``
+        hessian_x ``[T, N_h, ...]``, hessian_y ``[T, N_h, ...]`` (optional; HF-MAML's D_h in
+        Fallah et al. eq. 10. When absent the support set is used, which is what makes
+        HF-MAML converge to exact MAML as delta -> 0.)
+
+    ``ways``: number of classes for classification; when given, integer labels are checked to
+    lie in ``[0, ways)``.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    hessian_x: Optional[torch.Tensor] = None
+    hessian_y: Optional[torch.Tensor] = None
+    ways: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        present = {n: getattr(self, n) for n in _FIELDS if getattr(self, n) is not None}
+        for name, t in present.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 2:
+                raise ValueError(f"{name}: expected shape [T, N, ...] with a leading task dim, got {tuple(t.shape)}")
+        if (self.hessian_x is None) != (self.hessian_y is None):
+            raise ValueError("hessian_x/hessian_y: give both or neither")
+        T = self.support_x.shape[0]
+        if T == 0:
+            raise ValueError("support_x: the TaskBatch has no tasks (T = 0)")
+        for name, t in present.items():
+            if t.shape[0] != T:
+                raise ValueError(f"{name}: has {t.shape[0]} tasks but support_x has {T}; every tensor needs the same task count T")
+        for x, y in (("support_x", "support_y"), ("query_x", "query_y"), ("hessian_x", "hessian_y")):
+            if x in present and present[x].shape[1] != present[y].shape[1]:
+                raise ValueError(f"{y}: has {present[y].shape[1]} samples per task but {x} has {present[x].shape[1]}")
+            if x in present and present[x].shape[1] == 0:
+                raise ValueError(f"{x}: has no samples")
+        devices = {t.device for t in present.values()}
+        if len(devices) != 1:
+            raise ValueError(f"TaskBatch: all tensors must be on one device, got {sorted(map(str, devices))}")
+        xdt = {present[n].dtype for n in present if n.endswith("_x")}
+        if len(xdt) != 1:
+            raise ValueError(f"TaskBatch: inputs (*_x) must share one dtype, got {xdt}")
+        if self.ways is not None:
+            if self.ways < 1:
+                raise ValueError(f"ways: expected >= 1, got {self.ways}")
+            for name in ("support_y", "query_y", "hessian_y"):
+                y = present.get(name)
+                if y is None:
+                    continue
+                if y.is_floating_point():
+                    raise ValueError(f"{name}: classification labels must be integers, got {y.dtype}")
+                lo, hi = int(y.min()), int(y.max())
+                if lo < 0 or hi >= self.ways:
+                    raise ValueError(f"{name}: labels must lie in [0, {self.ways}), found range [{lo}, {hi}]")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.support_x.device
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    def select(self, idx) -> "TaskBatch":
+        """Tasks ``idx`` (an int keeps the task dim: ``select(3)`` is a batch of one task)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        kw = {f.name: (getattr(self, f.name)[idx] if getattr(self, f.name) is not None and f.name in _FIELDS
+                       else getattr(self, f.name)) for f in fields(self)}
+        out = object.__new__(TaskBatch)
+        out.__dict__.update(kw)  # a sub-batch of a valid batch is valid: skip re-validation
+        return out
+
+    def to(self, *args, **kwargs) -> "TaskBatch":
+        """Move inputs (``*_x``) with ``.to(*args)``; labels move device only."""
+        new = {}
+        for n in _FIELDS:
+            t = getattr(self, n)
+            if t is None:
+                continue
+            if n.endswith("_x"):
+                new[n] = t.to(*args, **kwargs)
+            else:
+                dev = next((a for a in args if isinstance(a, (torch.device, str))), kwargs.get("device"))
+                new[n] = t.to(dev) if dev is not None else t
+        return replace(self, **new)
+
+    @property
+    def hessian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """D_h of Fallah eq. 10: the Hessian batch if given, else the support set (D_in)."""
+        if self.hessian_x is not None:
+            return self.hessian_x, self.hessian_y
+        return self.support_x, self.support_y

@@ -1,0 +1,37 @@
+import os
+
+# Triton reads this when its kernels are defined, i.e. at import: set it before anything imports
+# triton (the README/CI command also sets it in the environment).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import zipfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+
+
+@pytest.fixture(scope="session")
+def omniglot_zips():
+    """The real Omniglot subsets shipped beside the project (never part of the package)."""
+    zips = sorted(SHARED_OMNIGLOT.glob("images_background_small*.zip"))
+    if len(zips) < 2:
+        pytest.skip(f"Omniglot subsets not found in {SHARED_OMNIGLOT}")
+    return zips
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir(omniglot_zips, tmp_path_factory):
+    """The same subsets unpacked into the standard directory layout."""
+    out = tmp_path_factory.mktemp("omniglot")
+    for z in omniglot_zips:
+        with zipfile.ZipFile(z) as zf:
+            zf.extractall(out)
+    return [out / z.stem for z in omniglot_zips]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,122 @@
+"""MAML / FO-MAML meta-gradients against the plain per-task loop (tests/reference.py), float64.
+
+MAML: Sharp-MAML Alg. 2 / eq. 9 inner step, Fallah eq. 5 meta-gradient; FO-MAML: Fallah eq. 8.
+The Conv-4 + BatchNorm cases under ``vmap`` are the ones that fail if the functorch#534 trap
+(second-order batch norm under vmap) is not handled.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmeta
+from fastmeta.batched import Evaluator
+from fastmeta.params import ParamLayout
+from fastmeta.tasks import TaskBatch
+
+from reference import flat, maml_meta_grad, rel_err
+
+
+def mlp_case():
+    model = fastmeta.SineMLP(hidden=12, activation="tanh").double()
+    x = torch.rand(3, 14, 1, dtype=torch.float64) * 10 - 5
+    y = 2.0 * torch.sin(x - 0.3)
+    return model, TaskBatch(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:]), F.mse_loss, 0.05
+
+
+def conv_case():
+    model = fastmeta.Conv4(ways=3, hidden=6, image_size=16).double()
+    x = torch.randn(3, 3 * 4, 1, 16, 16, dtype=torch.float64)
+    y = torch.arange(3).repeat_interleave(4).expand(3, -1)
+    b = TaskBatch(x[:, ::2], y[:, ::2].contiguous(), x[:, 1::2], y[:, 1::2].contiguous(), ways=3)
+    return model, b, F.cross_entropy, 0.3
+
+
+@pytest.mark.parametrize("case", [mlp_case, conv_case], ids=["mlp", "conv4_bn"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
+def test_meta_grad_matches_plain_loop(case, steps, adapt, strategy, first_order):
+    model, batch, loss_fn, lr = case()
+    algo = fastmeta.FOMAML(lr, steps) if first_order else fastmeta.MAML(lr, steps)
+    layout = ParamLayout(model, adapt)
+    ev = Evaluator(model, layout, loss_fn, strategy)
+    got = algo.meta_grad(ev, layout, layout.flatten(model), batch).grad
+    want = flat(maml_meta_grad(model, batch, loss_fn, lr, steps, layout.adapted, first_order), layout)
+    assert rel_err(got, want) < 1e-9
+
+
+def test_second_order_differs_from_first_order():
+    # Guards the test above against a MAML that silently drops the Hessian term.
+    model, batch, loss_fn, lr = conv_case()
+    layout = ParamLayout(model)
+    ev = Evaluator(model, layout, loss_fn, "vmap")
+    so = fastmeta.MAML(lr).meta_grad(ev, layout, layout.flatten(model), batch).grad
+    fo = fastmeta.FOMAML(lr).meta_grad(ev, layout, layout.flatten(model), batch).grad
+    assert rel_err(fo, so) > 1e-3
+
+
+def test_learner_step_writes_grad_and_reports_accuracy():
+    model, batch, loss_fn, lr = conv_case()
+    learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr), loss_fn="cross_entropy", strategy="loop")
+    res = learner.step(batch)
+    want = maml_meta_grad(model, batch, loss_fn, lr, 1, learner.layout.adapted)
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, want[n]) < 1e-9
+    assert 0.0 <= res.accuracy <= 1.0
+    assert res.per_task_loss.shape == (3,)
+
+
+def test_auto_strategy_measures_both_and_keeps_faster():
+    model, batch, _, lr = mlp_case()
+    learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr), loss_fn="mse")
+    learner.step(batch)
+    t = learner.strategy_timings
+    assert set(t) == {"vmap", "loop"}
+    assert learner.chosen_strategy == min(t, key=t.get)
+    assert "auto" in learner.strategy_reason
+
+
+def test_anil_adapts_only_head_but_meta_learns_body():
+    model, batch, _, lr = conv_case()
+    layout = ParamLayout(model, "head")
+    assert layout.adapted == ["head.weight", "head.bias"]
+    learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr), adapt="head", strategy="vmap")
+    learner.step(batch)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_non_finite_loss_is_reported():
+    model, batch, _, lr = mlp_case()
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr), loss_fn="mse", strategy="loop")
+    with pytest.raises(FloatingPointError, match="loss"):
+        learner.step(batch)
+
+
+def test_evaluate_ci_and_adapt():
+    model, batch, _, lr = conv_case()
+    learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr), strategy="loop")
+    r = learner.evaluate(batch)
+    assert r.num_tasks == 3 and r.accuracy_ci95 > 0 and r.per_task_accuracy.shape == (3,)
+    # evaluate == adapt a copy by hand and score it
+    fast = learner.adapt(batch.support_x[1], batch.support_y[1])
+    with torch.no_grad():
+        acc = (fast(batch.query_x[1]).argmax(-1) == batch.query_y[1]).double().mean()
+    assert float(acc) == pytest.approx(float(r.per_task_accuracy[1]))
+    assert not torch.equal(fast.head.weight, model.head.weight)
+
+
+def test_bad_arguments():
+    model, _, _, lr = mlp_case()
+    with pytest.raises(ValueError, match="strategy"):
+        fastmeta.MetaLearner(model, fastmeta.MAML(lr), strategy="fast")
+    with pytest.raises(ValueError, match="inner_lr"):
+        fastmeta.MAML(-1.0)
+    with pytest.raises(ValueError, match="inner_steps"):
+        fastmeta.MAML(0.1, inner_steps=0)
+    with pytest.raises(ValueError, match="adapt"):
+        fastmeta.MetaLearner(model, fastmeta.MAML(lr), adapt=["nope"])
+    with pytest.raises(ValueError, match="loss_fn"):
+        fastmeta.MetaLearner(model, fastmeta.MAML(lr), loss_fn="hinge")
