@@ -35,3 +35,11 @@ def omniglot_dir(omniglot_zips, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def omniglot_data(omniglot_zips):
+    """The merged subsets, loaded once per session."""
+    from fastmeta.data import Omniglot
+
+    return Omniglot(omniglot_zips)

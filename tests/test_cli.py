@@ -1,0 +1,51 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmeta.cli import main
+from fastmeta.train import load_checkpoint, save_checkpoint
+
+
+def test_train_and_evaluate_sinusoid(tmp_path, capsys):
+    ckpt = tmp_path / "sine.pt"
+    assert main(["train", "--steps", "30", "--val-every", "15", "--val-tasks", "20", "--test-tasks", "50",
+                 "--out", str(ckpt), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "pre-adaptation MSE" in out and "post-adaptation MSE" in out
+    c = load_checkpoint(ckpt)  # weights_only=True inside
+    assert c["step"] == 30 and len(c["history"]) == 2
+    assert main(["evaluate", "--ckpt", str(ckpt), "--tasks", "20"]) == 0
+    assert "meta-test loss" in capsys.readouterr().out
+
+
+def test_train_omniglot_tiny(tmp_path, omniglot_zips, capsys):
+    ckpt = tmp_path / "omni.pt"
+    args = ["train", "--task", "omniglot", "--data-root", *map(str, omniglot_zips), "--steps", "2",
+            "--meta-batch", "2", "--queries", "2", "--val-every", "2", "--val-tasks", "2", "--test-tasks", "4",
+            "--strategy", "loop", "--out", str(ckpt), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out alphabets" in out and "accuracy" in out
+    c = load_checkpoint(ckpt)
+    assert set(c["summary"]) >= {"test_accuracy", "test_accuracy_ci95"}
+
+
+def test_checkpoint_is_atomic_and_rejects_foreign_files(tmp_path):
+    p = tmp_path / "x.pt"
+    save_checkpoint(p, {"format": "fastmeta-checkpoint/1", "w": torch.ones(2)})
+    assert list(tmp_path.iterdir()) == [p]  # no temp file left behind
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="ckpt"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_omniglot_without_data_root_is_a_clear_error():
+    with pytest.raises(ValueError, match="data_root"):
+        main(["train", "--task", "omniglot", "--steps", "1", "--no-progress"])
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "fastmeta", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--inner-lr" in r.stdout
