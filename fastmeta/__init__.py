@@ -6,6 +6,7 @@ evaluated per task by ``vmap`` or a per-task loop (see ``fastmeta.batched``).
 import torch  # noqa: F401  (must precede the native extension: it needs libc10/libtorch loaded)
 
 from .algorithms import FOMAML, MAML, Algorithm, MetaResult
+from .algorithms import HFMAML, FallahStepSize, SharpMAML
 from .batched import Evaluator
 from .learner import EvalResult, MetaLearner, StepResult
 from .models import Conv4, SineMLP
@@ -16,3 +17,4 @@ __version__ = "0.1.0"
 
 __all__ = ["MAML", "FOMAML", "Algorithm", "MetaResult", "MetaLearner", "StepResult", "EvalResult",
            "Evaluator", "ParamLayout", "TaskBatch", "Conv4", "SineMLP", "__version__"]
+__all__ += ["HFMAML", "SharpMAML", "FallahStepSize"]

@@ -30,6 +30,13 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fastmeta_ckpt.pt", help="checkpoint path (written atomically)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="shard each meta-batch's tasks over N local processes (gloo over loopback); "
+                        "for several machines use torchrun (see fastmeta.distributed)")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a collective may wait for a peer rank before failing (default 300)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a --nproc/torchrun run from the checkpoint at --out (rank 0 reads, all ranks resume)")
     p.set_defaults(func=_run_train)
 
 

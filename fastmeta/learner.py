@@ -65,6 +65,17 @@ class MetaLearner:
         adapt: which parameters the inner loop adapts: ``"all"``, ``"head"`` (ANIL) or names.
         strategy: ``"auto"`` (time ``vmap`` and ``loop`` on the first batch, keep the faster),
             ``"vmap"`` or ``"loop"``. See :mod:`fastmeta.batched`.
+        channels_last: opt-in CPU speed mode for conv nets: convolutions run in NHWC memory
+            format (exact gradients; applies under the loop strategy).
+        bf16: opt-in CPU speed mode: the model runs under bf16 autocast while the parameters,
+            inner-loop updates and the meta-gradient (accumulated over tasks) stay float32.
+            Gradients are approximate (~1e-2 relative); check accuracy on your task (on Omniglot
+            5-way 1-shot, ``fastmeta bench --full`` reports meta-test accuracy beside float32).
+        process_group: shard the meta-batch's tasks over the ranks of a ``torch.distributed``
+            group. ``None``: the default group when torch.distributed is initialized with more
+            than one rank, else one process. Each rank passes ITS shard to ``step``/
+            ``meta_gradient`` and gets the mean meta-gradient over all ranks' tasks (one
+            all-reduce per reduction; see :mod:`fastmeta.distributed`).
 
     ``step(batch)`` writes the meta-gradient (mean over tasks) into ``.grad`` of the model's
     parameters, so any ``torch.optim`` optimizer can step it::
@@ -78,7 +89,8 @@ class MetaLearner:
     """
 
     def __init__(self, model: nn.Module, algorithm: Algorithm, loss_fn="cross_entropy",
-                 adapt: Adapt = "all", strategy: str = "auto"):
+                 adapt: Adapt = "all", strategy: str = "auto", channels_last: bool = False, bf16: bool = False,
+                 process_group=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(algorithm, Algorithm):
@@ -88,11 +100,19 @@ class MetaLearner:
         self.model = model
         self.algorithm = algorithm
         self.loss_fn, self.classification = resolve_loss(loss_fn)
+        from . import distributed as _distributed
+
+        _distributed.resolve_group(process_group)  # validates (ValueError naming process_group)
+        self.process_group = process_group
         self.layout = ParamLayout(model, adapt)
         self.strategy = strategy
         self.strategy_timings: dict[str, float] = {}
         self.strategy_reason: str = "" if strategy == "auto" else "chosen by the caller"
-        self._ev: Optional[Evaluator] = None if strategy == "auto" else Evaluator(model, self.layout, self.loss_fn, strategy)
+        # Opt-in CPU speed modes, passed to every Evaluator (validated there: bf16 needs float32).
+        self.speed_modes = dict(channels_last=channels_last, bf16=bf16)
+        Evaluator(model, self.layout, self.loss_fn, "loop", **self.speed_modes)
+        self._ev: Optional[Evaluator] = None if strategy == "auto" else Evaluator(
+            model, self.layout, self.loss_fn, strategy, **self.speed_modes)
 
     # ------------------------------------------------------------------ strategy
     def evaluator(self, batch: Optional[TaskBatch] = None) -> Evaluator:
@@ -112,7 +132,7 @@ class MetaLearner:
         theta = self.layout.flatten(self.model)
         errors = {}
         for name in ("loop", "vmap"):
-            ev = Evaluator(self.model, self.layout, self.loss_fn, name)
+            ev = Evaluator(self.model, self.layout, self.loss_fn, name, **self.speed_modes)
             try:
                 best = float("inf")
                 for _ in range(2):
@@ -128,7 +148,7 @@ class MetaLearner:
         times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.strategy_timings.items())
         self.strategy_reason = f"auto: measured on {sub.num_tasks} tasks ({times})" + (
             f"; failed: {errors}" if errors else "")
-        return Evaluator(self.model, self.layout, self.loss_fn, chosen)
+        return Evaluator(self.model, self.layout, self.loss_fn, chosen, **self.speed_modes)
 
     @property
     def chosen_strategy(self) -> Optional[str]:
@@ -146,7 +166,10 @@ class MetaLearner:
     def meta_gradient(self, batch: TaskBatch) -> MetaResult:
         """The flat meta-gradient ``[P]`` (mean over tasks) without touching ``.grad``."""
         self._check_batch(batch)
-        ev = self.evaluator(batch)
+        from . import distributed as _distributed
+
+        # Under a process group: the mean over ALL ranks' tasks (identity in one process).
+        ev = _distributed.wrap_evaluator(self, self.evaluator(batch))
         theta = self.layout.flatten(self.model)
         res = self.algorithm.meta_grad(ev, self.layout, theta, batch)
         bad = ~torch.isfinite(res.query_loss)
@@ -171,7 +194,7 @@ class MetaLearner:
         """A copy of the model adapted to one task's support set ``[N, ...]`` (no graph kept)."""
         if support_x.dim() < 1 or support_y.shape[:1] != support_x.shape[:1]:
             raise ValueError(f"support_y: expected {support_x.shape[0]} labels for {support_x.shape[0]} support samples, got shape {tuple(support_y.shape)}")
-        ev = self._ev or Evaluator(self.model, self.layout, self.loss_fn, "loop")
+        ev = self._ev or Evaluator(self.model, self.layout, self.loss_fn, "loop", **self.speed_modes)
         theta = self.layout.flatten(self.model)
         w = self.algorithm.adapt(ev, self.layout, theta, support_x[None], support_y[None], steps)
         fast = copy.deepcopy(self.model)

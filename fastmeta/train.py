@@ -1,6 +1,7 @@
 """Meta-training and meta-testing loops behind ``fastmeta train`` / ``fastmeta evaluate``."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -18,8 +19,8 @@ from .models import Conv4, SineMLP, build_model
 CHECKPOINT_FORMAT = "fastmeta-checkpoint/1"
 
 DEFAULTS = {
-    "sinusoid": dict(inner_lr=0.01, meta_lr=1e-3, meta_batch=25, shots=10, queries=10, steps=12000,
-                     val_every=2000, val_tasks=200, test_tasks=1000),
+    "sinusoid": dict(inner_lr=0.01, meta_lr=3e-3, meta_batch=25, shots=10, queries=10, steps=5000,
+                     val_every=1000, val_tasks=200, test_tasks=1000),
     "omniglot": dict(inner_lr=0.4, meta_lr=1e-3, meta_batch=16, ways=5, shots=1, queries=15, steps=600,
                      val_every=100, val_tasks=100, test_tasks=600),
 }
@@ -119,8 +120,14 @@ def pre_adaptation_loss(learner: MetaLearner, sampler, n_tasks: int) -> float:
         return float(ev.losses(adapted, shared, b.query_x, b.query_y).mean())
 
 
-def train(cfg: dict, log=print) -> dict:
+def train(cfg: dict, log=None) -> dict:
     """Meta-train per ``cfg`` (see ``fastmeta train --help``); returns a summary dict."""
+    log = log or functools.partial(print, flush=True)
+    from . import distributed
+
+    if cfg.get("nproc") is not None or cfg.get("resume") or distributed.under_torchrun():
+        # Task-sharded training (fastmeta.distributed): --nproc N, --resume, or torchrun.
+        return distributed.train(cfg, log)
     torch.manual_seed(cfg["seed"])
     src = TaskSource(cfg)
     model = build_model(src.model_config)

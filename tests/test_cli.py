@@ -49,3 +49,28 @@ def test_omniglot_without_data_root_is_a_clear_error():
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "fastmeta", "train", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--inner-lr" in r.stdout
+
+
+@pytest.mark.slow
+def test_default_job_learns_to_adapt(tmp_path, monkeypatch, capsys):
+    # `fastmeta train` with no arguments: MAML on sinusoid. On 1,000 unseen tasks the
+    # post-adaptation MSE (one inner step, 10 shots) must be clearly below the pre-adaptation MSE
+    # and below 1.0 (issue 2's acceptance bar).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fastmeta"])
+    from fastmeta import train as train_mod
+
+    seen = {}
+    real = train_mod.train
+
+    def spy(cfg, log=None):
+        seen.update(real(cfg, log))
+        return seen
+
+    monkeypatch.setattr("fastmeta.cli.train", spy)
+    assert main([]) == 0
+    print(capsys.readouterr().out)
+    assert seen["test_tasks"] == 1000
+    assert seen["test_loss"] < 1.0
+    assert seen["test_loss"] < 0.5 * seen["pre_adaptation_mse"]
+    assert (tmp_path / "fastmeta_ckpt.pt").exists()

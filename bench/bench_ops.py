@@ -1,0 +1,176 @@
+"""Fused ops (cpp backend) vs the same math in eager PyTorch vs a plain copy of the same bytes.
+
+    pytest bench/bench_ops.py --benchmark-enable --benchmark-group-by=group   # pytest-benchmark tables
+    python bench/bench_ops.py [repeats]                                       # prints the ratios
+
+Shapes ``[T, D] = [16, 112_000]`` (Conv-4 Omniglot: D ~ 112k adapted parameters, meta-batch 16) and
+``[64, 112_000]``, float32, CPU. The eager baseline is ``fastmeta.ops.reference`` (the tests' oracle,
+so benchmark and tests never drift); the floor is ``dst.copy_(src)`` of a tensor sized so that the
+copy reads + writes as many bytes as the op must minimally move (reads of every input once plus the
+output write). ``copy_time / op_time`` is then the fraction of copy bandwidth the op reaches.
+Every benchmark checks its output once, so a fast wrong kernel fails.
+Under ``--benchmark-disable`` (CI smoke) each case runs once.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastmeta import _extension, ops  # noqa: E402
+from fastmeta.ops import reference  # noqa: E402
+from fastmeta.testing import assert_oracle_close  # noqa: E402
+
+SHAPES = [(16, 112_000), (64, 112_000)]
+OPS = ["row_norm", "sam_perturb", "fd_hvp_points", "fd_hvp_combine", "swp_mask", "sds_select"]
+IMPLS = ["cpp", "eager", "copy"]
+# Elements (in units of T*D) the op must read + write at least: the copy moves the same bytes.
+MIN_TRAFFIC = {"row_norm": 1, "sam_perturb": 2, "fd_hvp_points": 3, "fd_hvp_combine": 3, "swp_mask": 1,
+               "sds_select": 2}
+RADIUS, DELTA, LR, KEEP, RATIO = 0.05, 1e-2, 0.1, 0.5, 0.5
+
+
+def make_inputs(op: str, t: int, d: int, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    rows = lambda: torch.randn(t, d, generator=gen)  # noqa: E731
+    if op == "row_norm":
+        return (rows(),)
+    if op == "sam_perturb":
+        return (torch.randn(d, generator=gen), rows())
+    if op == "fd_hvp_points":
+        return (torch.randn(d, generator=gen), rows())
+    if op == "fd_hvp_combine":
+        return (rows(), rows(), rows())
+    if op == "swp_mask":
+        return ()
+    if op == "sds_select":
+        return (rows(), rows())
+    raise KeyError(op)
+
+
+def public_call(op: str, t: int, d: int, args: tuple):
+    """The public op (runs on whatever backend is forced around it)."""
+    return {
+        "row_norm": lambda: ops.row_norm(*args),
+        "sam_perturb": lambda: ops.sam_perturb(args[0], args[1], RADIUS),
+        "fd_hvp_points": lambda: ops.fd_hvp_points(args[0], args[1], DELTA),
+        "fd_hvp_combine": lambda: ops.fd_hvp_combine(*args, DELTA, LR),
+        "swp_mask": lambda: ops.swp_mask((t, d), KEEP, seed=1),
+        "sds_select": lambda: ops.sds_select(args[0], args[1], RATIO),
+    }[op]
+
+
+def eager_call(op: str, t: int, d: int, args: tuple):
+    """The same math as an eager PyTorch composition (the reference implementation)."""
+    radius = torch.full((t,), RADIUS)
+    delta = torch.full((t,), DELTA)
+    k = ops.sds_k(d, RATIO)
+    return {
+        "row_norm": lambda: reference.row_norm(*args),
+        "sam_perturb": lambda: reference.sam_perturb(args[0], args[1], radius, None, 1e-12, False),
+        "fd_hvp_points": lambda: reference.fd_hvp_points(args[0], args[1], delta),
+        "fd_hvp_combine": lambda: reference.fd_hvp_combine(*args, delta, LR, True),
+        "swp_mask": lambda: reference.swp_mask(t, d, KEEP, 1, False, torch.device("cpu"), torch.float32),
+        "sds_select": lambda: reference.sds_select(args[0], args[1], k),
+    }[op]
+
+
+def copy_call(op: str, t: int, d: int):
+    n = MIN_TRAFFIC[op] * t * d // 2  # a copy of n elements reads n and writes n
+    src, dst = torch.randn(n), torch.empty(n)
+    return lambda: dst.copy_(src)
+
+
+def check_output(op: str, t: int, d: int, args: tuple, out) -> None:
+    """Once per benchmark: the cpp result against the reference with the tests' tolerance rule."""
+    if op == "swp_mask":
+        assert out.shape == (t, d) and set(out.unique().tolist()) <= {0.0, 1.0}
+        assert abs(float(out.mean()) - KEEP) < 6 * math.sqrt(KEEP * (1 - KEEP) / out.numel())
+        with ops.use_backend("cpp"):
+            assert torch.equal(out, public_call(op, t, d, args)())
+        return
+    with ops.use_backend("reference"):
+        ref = public_call(op, t, d, args)()
+        if op == "sds_select":
+            assert torch.equal(out, ref)
+            return
+        oracle = public_call(op, t, d, tuple(a.double() for a in args))()
+    assert_oracle_close(out, ref, oracle, ulps=64, what=f"bench {op} {t}x{d}")
+
+
+def _skip_without_cpp():
+    if not _extension.available():
+        pytest.skip(f"cpp backend unavailable: {_extension.reason()}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{t}x{d}" for t, d in SHAPES])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_bench_ops(benchmark, op, impl, shape):
+    _skip_without_cpp()
+    t, d = shape
+    args = make_inputs(op, t, d)
+    benchmark.group = f"{op} {t}x{d}"
+    benchmark.extra_info.update(backend=impl, shape=[t, d], dtype="float32", threads=torch.get_num_threads(),
+                                torch=torch.__version__, min_traffic_bytes=MIN_TRAFFIC[op] * t * d * 4)
+    if impl == "cpp":
+        call = public_call(op, t, d, args)
+        with ops.use_backend("cpp"):
+            check_output(op, t, d, args, call())
+            benchmark(call)
+    elif impl == "eager":
+        benchmark(eager_call(op, t, d, args))
+    else:
+        benchmark(copy_call(op, t, d))
+
+
+def measure(repeats: int = 30) -> list[dict]:
+    """Interleaved timing (cpp, eager, copy per round) so load from other processes hits all alike."""
+    rows = []
+    for t, d in SHAPES:
+        for op in OPS:
+            args = make_inputs(op, t, d)
+            with ops.use_backend("cpp"):
+                cpp = public_call(op, t, d, args)
+                check_output(op, t, d, args, cpp())
+                fns = {"cpp": cpp, "eager": eager_call(op, t, d, args), "copy": copy_call(op, t, d)}
+                times = {k: [] for k in fns}
+                for _ in range(3):
+                    for f in fns.values():
+                        f()
+                for _ in range(repeats):
+                    for k, f in fns.items():
+                        t0 = time.perf_counter()
+                        f()
+                        times[k].append(time.perf_counter() - t0)
+            best = {k: min(v) for k, v in times.items()}
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append(dict(op=op, shape=f"{t}x{d}", **{f"{k}_ms": best[k] * 1e3 for k in best},
+                             **{f"{k}_median_ms": med[k] * 1e3 for k in med},
+                             speedup=best["eager"] / best["cpp"], bandwidth=best["copy"] / best["cpp"],
+                             gbps=MIN_TRAFFIC[op] * t * d * 4 / best["cpp"] / 1e9))
+    return rows
+
+
+def main() -> None:
+    if not _extension.available():
+        sys.exit(f"cpp backend unavailable: {_extension.reason()}")
+    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; best of {repeats} interleaved runs")
+    print(f"{'op':<16}{'shape':<11}{'cpp ms':>9}{'eager ms':>10}{'copy ms':>9}{'eager/cpp':>11}{'copy/cpp':>10}"
+          f"{'cpp GB/s':>10}")
+    for r in measure(repeats):
+        print(f"{r['op']:<16}{r['shape']:<11}{r['cpp_ms']:>9.3f}{r['eager_ms']:>10.3f}{r['copy_ms']:>9.3f}"
+              f"{r['speedup']:>10.2f}x{r['bandwidth']:>10.2f}{r['gbps']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

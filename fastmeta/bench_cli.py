@@ -1,0 +1,187 @@
+"""``fastmeta bench``: where fastmeta stands against the plain loop, the peers and the compute floor.
+
+Runs the suites of ``bench/`` (fast preset by default, ``--full`` for the README table), checks
+every implementation's meta-gradient against the plain per-task loop before timing it, and writes
+``<out>/bench.md`` (markdown table: step time, ratio to the fastest peer and to the compute floor,
+achieved GFLOP/s as a fraction of the same-run GEMM rate, peak RSS, gradient check) and
+``<out>/bench.png`` (bar chart). ``--full`` also meta-trains Conv-4 on Omniglot in float32 and in
+the bf16 speed mode from the same seed and reports both meta-test accuracies.
+
+The suites live in the source checkout (``bench/``, and the plain loops in ``tests/reference.py``),
+so this command runs from a checkout (``pip install -e .``), not from a wheel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAST = dict(cases=[("sine", False, 10), ("conv4-mb4", False, 2)], rss=False, accuracy=False)
+FULL = dict(cases=[("sine", False, 30), ("conv4", False, 3), ("conv4", True, 3)], rss=True, accuracy=True)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark fastmeta vs peers and the compute floor (markdown + PNG)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--full", action="store_true", help="full-size workloads, first+second order, RSS, bf16 accuracy")
+    p.add_argument("--out", default="bench_results", help="output folder for bench.md, bench.png, bench.json")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds per row (default: per workload)")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip higher/torchopt/learn2learn")
+    p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip peak-RSS subprocesses")
+    p.add_argument("--accuracy-steps", type=int, default=200, help="--full: meta-training steps per mode")
+    p.set_defaults(func=run)
+
+
+def _suite():
+    bench = REPO / "bench"
+    if not (bench / "common.py").is_file() or not (REPO / "tests" / "reference.py").is_file():
+        raise SystemExit(f"fastmeta bench: needs the source checkout's bench/ and tests/reference.py (looked in {REPO})")
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    import bench_peers
+    import common
+
+    return common, bench_peers
+
+
+def run(args) -> int:
+    common, peers = _suite()
+    preset = FULL if args.full else FAST
+    rss = preset["rss"] if args.rss is None else args.rss
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mach = common.machine()
+    command = "fastmeta bench" + (" --full" if args.full else "")
+    print(f"{command}: {mach}")
+    results = []
+    for key, fo, rounds in preset["cases"]:
+        wl = common.workload(key)
+        print(f"{wl.title}, {'first' if fo else 'second'} order:", flush=True)
+        res = peers.measure(wl, fo, rounds=args.rounds or rounds, peers=args.peers)
+        res["key"] = key
+        if rss:
+            for name, row in res["rows"].items():
+                if "ms" in row:
+                    row["rss_mib"] = common.peak_rss_subprocess(key, name, fo)
+        print(peers.format_rows(res), flush=True)
+        results.append(res)
+    acc = accuracy_check(common, args.accuracy_steps) if preset["accuracy"] else None
+    payload = dict(command=command, machine=mach, results=results, accuracy=acc,
+                   date=time.strftime("%Y-%m-%d %H:%M"))
+    (out / "bench.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / "bench.md").write_text(markdown(payload))
+    chart(payload, out / "bench.png")
+    print(f"wrote {out / 'bench.md'}, {out / 'bench.png'}, {out / 'bench.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- accuracy
+def accuracy_check(common, steps: int, meta_batch: int = 8, test_tasks: int = 200) -> dict | None:
+    """Meta-train Conv-4 MAML on Omniglot 5w1s in float32 and in bf16+channels_last from the same
+    seed on the same tasks; meta-test both on the same held-out-alphabet tasks (paired)."""
+    import torch
+
+    import fastmeta
+    from fastmeta.data import OmniglotTasks, split_alphabets
+
+    data = common.omniglot_data()
+    if data is None:
+        return dict(skipped="Omniglot subsets not found")
+    train, _, test = split_alphabets(data.alphabets, n_test=max(1, len(data.alphabets) // 4))
+    res = {}
+    for label, mode in (("fp32", {}), ("bf16+channels_last", dict(bf16=True, channels_last=True))):
+        torch.manual_seed(0)
+        model = fastmeta.Conv4(5)
+        learner = fastmeta.MetaLearner(model, fastmeta.MAML(0.4), strategy="loop", **mode)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        tasks = OmniglotTasks(data, train, ways=5, shots=1, queries=15, rotations=True, seed=0)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.zero_grad()
+            learner.step(tasks.sample(meta_batch))
+            opt.step()
+        secs = time.perf_counter() - t0
+        r = learner.evaluate(OmniglotTasks(data, test, ways=5, shots=1, queries=15, seed=1).sample(test_tasks))
+        res[label] = dict(accuracy=r.accuracy, ci95=r.accuracy_ci95, train_s=secs, per_task=r.per_task_accuracy)
+        print(f"  accuracy {label}: {100 * r.accuracy:.2f}% ± {100 * r.accuracy_ci95:.2f} ({secs:.0f} s training)", flush=True)
+    d = res["bf16+channels_last"]["per_task"] - res["fp32"]["per_task"]
+    diff_ci = float(1.96 * d.std() / d.numel() ** 0.5)
+    for v in res.values():
+        v.pop("per_task")
+    return dict(modes=res, diff=float(d.mean()), diff_ci95=diff_ci, steps=steps, meta_batch=meta_batch,
+                test_tasks=test_tasks)
+
+
+# ---------------------------------------------------------------------------------------- output
+def _fmt(x, spec):
+    return "—" if x is None or x != x else format(x, spec)
+
+
+def markdown(payload: dict) -> str:
+    m = payload["machine"]
+    lines = [f"Command: `{payload['command']}` ({payload['date']})", "",
+             f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, torch {m['torch']} with {m['threads']} threads, "
+             f"Python {m['python']}, 1-min load average {m['load1']} at start, CUDA {'present' if m['cuda'] else 'absent'}.", ""]
+    for res in payload["results"]:
+        lines += [f"**{res['workload']}, {res['order']} order** — {res['flops'] / 1e9:.2f} GFLOP per step "
+                  f"(torch.utils.flop_counter); same-run GEMM: fp32 {res['gemm_gflops']['fp32']:.0f}, "
+                  f"bf16 {res['gemm_gflops']['bf16']:.0f} GFLOP/s; data: {res['data']}; fastest peer: "
+                  f"{res.get('fastest_peer') or '—'}; min of {res['rounds']} interleaved rounds.", "",
+                  "| implementation | step (ms) | × fastest peer | × compute floor | GFLOP/s | % of GEMM | peak RSS (MiB) | gradient check |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, r in res["rows"].items():
+            c = r["check"]
+            chk = (f"ok ({c['dtype']}, rel err {c['rel_err']:.1e})" if c["ok"]
+                   else f"**wrong** (rel err {c['rel_err']:.1e}), not timed")
+            lines.append(f"| {name} | {_fmt(r.get('ms'), '.2f')} | {_fmt(r.get('ratio_fastest_peer'), '.2f')} | "
+                         f"{_fmt(r.get('ratio_floor'), '.2f')} | {_fmt(r.get('gflops'), '.1f')} | "
+                         f"{_fmt(None if r.get('frac_gemm') is None else 100 * r['frac_gemm'], '.0f')} | "
+                         f"{_fmt(r.get('rss_mib'), '.0f')} | {chk} |")
+        for name, reason in res["skipped"].items():
+            lines.append(f"| {name} | — | — | — | — | — | — | skipped: {reason} |")
+        lines.append("")
+    acc = payload.get("accuracy")
+    if acc and "modes" in acc:
+        lines += [f"**bf16 accuracy check** (Conv-4 MAML, Omniglot 5w1s, {acc['steps']} steps × meta-batch "
+                  f"{acc['meta_batch']}, same seed; meta-test on {acc['test_tasks']} held-out-alphabet tasks):", ""]
+        for label, v in acc["modes"].items():
+            lines.append(f"- {label}: {100 * v['accuracy']:.2f}% ± {100 * v['ci95']:.2f} (training {v['train_s']:.0f} s)")
+        lines += [f"- paired difference bf16 − fp32: {100 * acc['diff']:+.2f} ± {100 * acc['diff_ci95']:.2f} points", ""]
+    elif acc:
+        lines += [f"bf16 accuracy check skipped: {acc['skipped']}", ""]
+    return "\n".join(lines)
+
+
+def chart(payload: dict, path: Path) -> None:
+    """One panel per workload: step time per implementation, labelled with × fastest peer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = payload["results"]
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        names = [n for n, r in res["rows"].items() if "ms" in r]
+        ms = [res["rows"][n]["ms"] for n in names]
+        colors = ["tab:blue" if n.startswith("fastmeta") else "tab:gray" if n == "compute floor" else "tab:orange"
+                  for n in names]
+        bars = ax.barh(range(len(names)), ms, color=colors)
+        for b, n in zip(bars, names):
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" ×{res['rows'][n]['ratio_fastest_peer']:.2f}",
+                    va="center", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per meta-training step (lower is better)", fontsize=7)
+        ax.set_title(f"{res['workload']}\n{res['order']} order", fontsize=8)
+        ax.set_xlim(0, max(ms) * 1.3 if ms else 1)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"{payload['command']} — {payload['machine']['cpu']}, {payload['machine']['threads']} threads "
+                 "(× = time / fastest peer)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""Reference implementations of the fused ops: plain PyTorch, written for clarity, any device.
+
+These are the oracle every backend is tested against. Arguments are already validated and
+normalized by the public wrappers (``fastmeta/ops/<op>.py``): ``g``/``v`` are ``[T, D]``, ``theta`` is
+``[D]`` or ``[T, D]``, ``radius``/``delta`` are ``[T]`` tensors of the data dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backend import register
+
+BACKEND = "reference"
+
+
+@register("row_norm", BACKEND)
+def row_norm(g: Tensor) -> Tensor:
+    """``[T, D] -> [T]``: L2 norm of each task row."""
+    return torch.linalg.vector_norm(g, dim=1)
+
+
+@register("sam_perturb", BACKEND)
+def sam_perturb(theta: Tensor, g: Tensor, radius: Tensor, mask: Tensor | None, eps: float,
+                global_norm: bool) -> Tensor:
+    """``theta + radius_t * (g*mask)_t / max(||g*mask||, eps)``; the norm per row, or over all of g."""
+    gm = g if mask is None else g * mask
+    if global_norm:
+        norm = torch.linalg.vector_norm(gm).expand(g.shape[0])
+    else:
+        norm = torch.linalg.vector_norm(gm, dim=1)
+    scale = radius / norm.clamp_min(eps)
+    return theta + scale[:, None] * gm
+
+
+@register("fd_hvp_points", BACKEND)
+def fd_hvp_points(theta: Tensor, v: Tensor, delta: Tensor) -> Tensor:
+    """``[2T, D]``: rows ``theta + delta_t v_t`` (t < T), then ``theta - delta_t v_t``."""
+    step = delta[:, None] * v
+    return torch.cat([theta + step, theta - step], dim=0)
+
+
+@register("fd_hvp_combine", BACKEND)
+def fd_hvp_combine(g_o: Tensor, g_plus: Tensor, g_minus: Tensor, delta: Tensor, inner_lr: float,
+                   mean: bool) -> Tensor:
+    """Per task ``g_o - inner_lr (g_plus - g_minus) / (2 delta_t)``; averaged over tasks if ``mean``."""
+    per_task = g_o - inner_lr * (g_plus - g_minus) / (2 * delta[:, None])
+    return per_task.mean(dim=0) if mean else per_task
+
+
+@register("swp_mask", BACKEND)
+def swp_mask(rows: int, cols: int, keep_prob: float, seed: int, rescale: bool, device: torch.device,
+             dtype: torch.dtype) -> Tensor:
+    """Element-wise Bernoulli(keep_prob) mask ``[rows, cols]`` from ``torch.rand`` seeded with ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(rows, cols, generator=gen, device=device) < keep_prob
+    fill = 1.0 / keep_prob if rescale else 1.0
+    return keep.to(dtype) * fill
+
+
+@register("sds_select", BACKEND)
+def sds_select(loss_clean: Tensor, loss_perturbed: Tensor, k: int) -> Tensor:
+    """Per row the ``k`` indices of largest ``loss_perturbed - loss_clean`` (stable: ties by lower index)."""
+    increase = loss_perturbed - loss_clean
+    return torch.sort(increase, dim=1, descending=True, stable=True).indices[:, :k].contiguous()

@@ -1,0 +1,122 @@
+"""Dispatch: precedence (context > env > device default), explicit choices never fall back, the
+op x backend table, the CUDA kernel registrations, and cold imports without the extension/triton."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmeta import _extension, ops
+from fastmeta.ops import _backend
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_cpu_backend_prefers_cpp():
+    expected = "cpp" if _extension.available() else "reference"
+    assert ops.resolve("sam_perturb", "cpu") == expected
+
+
+def test_context_beats_env(monkeypatch):
+    monkeypatch.setenv("FASTMETA_BACKEND", "reference")
+    assert ops.resolve("row_norm", "cpu") == "reference"
+    if _extension.available():
+        with ops.use_backend("cpp"):
+            assert ops.resolve("row_norm", "cpu") == "cpp"
+            with ops.use_backend("reference"):
+                assert ops.resolve("row_norm", "cpu") == "reference"
+            assert ops.resolve("row_norm", "cpu") == "cpp"
+    assert ops.resolve("row_norm", "cpu") == "reference"
+
+
+def test_env_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTMETA_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="FASTMETA_BACKEND"):
+        ops.row_norm(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="use_backend"):
+        with ops.use_backend("fortran"):
+            pass
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reason(monkeypatch):
+    with ops.use_backend("cuda"):
+        with pytest.raises(ops.BackendUnavailableError, match="cuda.*CUDA tensors"):
+            ops.row_norm(torch.ones(2, 2))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ops.use_backend("triton"):
+        with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET|triton is not installed"):
+            ops.sam_perturb(torch.ones(2), torch.ones(2, 2), 0.1)
+
+
+def test_which_backend_ran_is_the_chosen_one(monkeypatch):
+    calls = []
+    original = _backend._impls["row_norm"]["reference"]
+    monkeypatch.setitem(_backend._impls["row_norm"], "reference", lambda g: calls.append(1) or original(g))
+    with ops.use_backend("reference"):
+        ops.row_norm(torch.ones(2, 3))
+    assert calls == [1]
+
+
+def test_support_table_has_a_reason_for_every_unavailable_cell():
+    table = ops.support_table("cpu")
+    assert set(table) == set(_backend.OPS)
+    for op, cells in table.items():
+        assert set(cells) == set(_backend.BACKENDS)
+        assert cells["reference"] is None
+        assert cells["cuda"]  # never runnable on CPU tensors, and says why
+    assert "reference" in ops.available_backends("cpu")
+
+
+def test_info_command_prints_table():
+    out = subprocess.run([sys.executable, "-m", "fastmeta.info"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "op x backend on cpu" in out.stdout and "sds_select" in out.stdout
+    assert "native extension" in out.stdout
+
+
+@pytest.mark.skipif(not _extension.cuda_library_loaded(), reason=f"CUDA library not loaded: {_extension.cuda_reason()}")
+def test_cuda_kernels_registered_for_every_op():
+    for op in _backend.OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmeta::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmeta::{op}", "CPU"), op
+
+
+COLD = r"""
+import sys
+{block}
+import torch, fastmeta
+from fastmeta import ops, _extension
+assert not _extension.available(), "extension should be blocked"
+print("REASON:", _extension.reason())
+assert ops.resolve("sam_perturb", "cpu") == "reference"
+g = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+out = ops.sam_perturb(torch.zeros(2), g, 1.0)
+assert torch.allclose(out, torch.tensor([[0.6, 0.8], [0.0, 0.0]])), out
+assert ops.row_norm(g).tolist() == [5.0, 0.0]
+assert ops.sds_select(torch.zeros(1, 3), torch.tensor([[1.0, 3.0, 2.0]]), 0.67).tolist() == [[1, 2]]
+assert sys.modules.get("triton") is None or {allow_triton}
+print("TRITON:", ops.unavailable_reason("row_norm", "triton", "cpu"))
+"""
+
+
+@pytest.mark.parametrize("how", ["env", "hidden-module"])
+def test_cold_import_without_extension_or_triton(how):
+    if how == "env":
+        block, env = "", {"FASTMETA_NO_EXT": "1"}
+    else:  # an unimportable _C and no triton at all, as on a machine where neither was installed
+        block = "sys.modules['fastmeta._C'] = None\nsys.modules['triton'] = None"
+        env = {}
+    env = {**os.environ, "TRITON_INTERPRET": "1", **env}
+    env.pop("FASTMETA_BACKEND", None)
+    code = COLD.format(block=block, allow_triton=how == "env")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if how == "env":
+        assert "FASTMETA_NO_EXT" in out.stdout
+    else:
+        assert "not importable" in out.stdout
+        assert "TRITON: importing" in out.stdout or "not installed" in out.stdout

@@ -1,0 +1,61 @@
+"""``fastmeta bench``: the subcommand exists, and it writes a table and a chart from a real (tiny) run."""
+import json
+
+import pytest
+
+from fastmeta import bench_cli
+from fastmeta.cli import build_parser
+
+
+def test_bench_subcommand_registered():
+    args = build_parser().parse_args(["bench", "--full", "--out", "x", "--no-rss"])
+    assert args.full and args.out == "x" and args.rss is False and args.func is bench_cli.run
+    assert build_parser().parse_args(["bench"]).full is False
+
+
+def test_bench_writes_table_and_chart(tmp_path, monkeypatch, capsys):
+    # A real run of the suite on the tiny sine preset (peers skipped to keep it quick): every row
+    # is gradient-checked, timed, and lands in bench.md / bench.png / bench.json.
+    monkeypatch.setattr(bench_cli, "FAST", dict(cases=[("sine-small", False, 1)], rss=False, accuracy=False))
+    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--no-peers"])
+    assert args.func(args) == 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| plain loop |" in md and "| fastmeta |" in md and "| compute floor |" in md
+    assert "**wrong**" not in md and "Command: `fastmeta bench`" in md
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = payload["results"][0]["rows"]
+    assert all(r["check"]["ok"] and r["ms"] > 0 for r in rows.values())
+    # without peers, the plain loop is the baseline the ratios are taken against
+    assert payload["results"][0]["fastest_peer"] == "plain loop"
+    assert rows["plain loop"]["ratio_fastest_peer"] == pytest.approx(1.0)
+
+
+def test_markdown_reports_wrong_and_skipped_rows():
+    check_ok = dict(ok=True, rel_err=1e-16, dtype="float64")
+    payload = dict(command="fastmeta bench --full", date="d", accuracy=None,
+                   machine=dict(cpu="cpu", isa="avx512f", cores=2, threads=2, torch="t", python="p", load1=1.0, cuda=False),
+                   results=[dict(workload="w", order="second", data="d", flops=2e9, rounds=3, fastest_peer="higher",
+                                 gemm_gflops=dict(fp32=100.0, bf16=200.0),
+                                 skipped={"learn2learn": "does not build"},
+                                 rows={"higher": dict(check=check_ok, ms=10.0, ratio_fastest_peer=1.0, ratio_floor=2.0,
+                                                      gflops=200.0, frac_gemm=2.0),
+                                       "bad": dict(check=dict(ok=False, rel_err=0.5, dtype="float64"))})])
+    md = bench_cli.markdown(payload)
+    assert "| bad | — |" in md and "**wrong** (rel err 5.0e-01), not timed" in md
+    assert "| learn2learn | — |" in md and "skipped: does not build" in md
+
+
+def test_profile_step_writes_trace_with_fastmeta_ranges(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "trace.json"
+    assert mod.main(["--workload", "sine", "--small", "--steps", "1", "--cpu", "--out", str(out)]) == 0
+    trace = out.read_text()
+    assert "fastmeta/inner" in trace and "fastmeta/outer" in trace

@@ -1,0 +1,220 @@
+"""Task-sharded meta-batches over torch.distributed (gloo over loopback, local processes).
+
+* every rank's meta-gradient equals the single-process meta-gradient over the whole meta-batch
+  (float64, 1e-9 relative) for MAML, FO-MAML, HF-MAML and Sharp-MAML_both, with 2 and 3 ranks and
+  meta-batch sizes both divisible and not divisible by the world size;
+* a 2-process sinusoid training run (with a resume from rank 0's checkpoint) ends at the same
+  parameters as the 1-process run with the same seed;
+* a rank that dies or stalls makes the other rank raise ``RankFailure`` within the process-group
+  timeout.
+
+Ranks start with ``fork`` (they inherit the imported torch: milliseconds instead of a re-import)
+and every launch has a hard limit, after which the launcher kills its ranks and fails the test.
+"""
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastmeta
+from fastmeta import distributed as fd
+from fastmeta.data import SinusoidTasks
+
+from reference import rel_err
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+START = "fork"
+HARD_LIMIT = 180.0  # s per launch; generous because the CI machine is shared
+PG_TIMEOUT = 120.0  # s; collectives of the healthy runs never come close
+
+# name -> (algorithm factory, evaluation strategy). Both strategies appear so that the reduction
+# is exercised with one chunk (vmap) and one chunk per task (loop).
+ALGOS = {
+    "maml": (lambda: fastmeta.MAML(0.05, inner_steps=2), "vmap"),
+    "fomaml": (lambda: fastmeta.FOMAML(0.05), "loop"),
+    "hfmaml": (lambda: fastmeta.HFMAML(0.05), "vmap"),  # per-task delta rule (Fallah Thm. 4.17)
+    "sharp_both": (lambda: fastmeta.SharpMAML(0.05, alpha_low=0.05, alpha_up=0.05), "loop"),  # eqs. 11-15
+}
+# 5 is divisible by neither 2 nor 3: shards of 2+3 and 1+2+2 tasks.
+META_BATCHES = {2: (4, 5), 3: (5, 6)}
+STEP = 7
+
+
+def _learner(name, process_group=None):
+    torch.manual_seed(0)
+    model = fastmeta.SineMLP(hidden=8, activation="tanh").double()
+    make, strategy = ALGOS[name]
+    return fastmeta.MetaLearner(model, make(), loss_fn="mse", strategy=strategy, process_group=process_group)
+
+
+def _sampler(T, rank=None, world_size=None):
+    return fd.ShardedTaskSampler(SinusoidTasks(4, 4, seed=0, dtype=torch.float64), T, seed=3,
+                                 rank=rank, world_size=world_size)
+
+
+def _grad_worker(rank, world):
+    out = {}
+    for T in META_BATCHES[world]:
+        sampler = _sampler(T)  # rank and world size from the initialized default group
+        for name in ALGOS:
+            learner = _learner(name)  # process_group=None: the default group is used
+            res = learner.meta_gradient(sampler.sample(STEP))
+            out[(name, T)] = (list(sampler.indices(STEP)), res.grad, learner._dist_ev.reductions)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_gets_the_single_process_meta_gradient(world):
+    results = fd.launch(_grad_worker, world, timeout=HARD_LIMIT, pg_timeout=PG_TIMEOUT, start_method=START, threads=1)
+    for T in META_BATCHES[world]:
+        full = _sampler(T, 0, 1).full(STEP)
+        for name in ALGOS:
+            want = _learner(name).meta_gradient(full).grad
+            shards = [results[r][(name, T)][0] for r in range(world)]
+            assert sorted(sum(shards, [])) == list(range(T)), "shards must be disjoint and cover the meta-batch"
+            for r in range(world):
+                _, got, reductions = results[r][(name, T)]
+                assert rel_err(got, want) < 1e-9, (name, T, r)
+                # Sharp-MAML_both: pass 1 (eq. 13 needs the global grad h) and pass 2 (eq. 15).
+                assert reductions == (2 if name == "sharp_both" else 1)
+            # Guards, so the comparison above can fail: one rank's shard alone gives another
+            # gradient, and with uneven shards the mean of per-rank means is not the task mean.
+            local = [_learner(name).meta_gradient(full.select(slice(s[0], s[-1] + 1))).grad for s in shards]
+            assert rel_err(local[0], want) > 1e-3
+            if T % world:
+                assert rel_err(torch.stack(local).mean(0), want) > 1e-4
+
+
+def test_shard_ranges_and_sampler():
+    assert [list(fd.shard_range(5, r, 3)) for r in range(3)] == [[0], [1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="meta_batch"):
+        fd.shard_range(2, 0, 3)
+    with pytest.raises(ValueError, match="rank"):
+        fd.shard_range(4, 2, 2)
+    a = _sampler(5, 1, 2).sample(3)
+    b = _sampler(5, 0, 1).full(3)
+    assert torch.equal(a.support_x, b.support_x[2:5]) and torch.equal(a.query_y, b.query_y[2:5])
+    assert not torch.equal(_sampler(5, 0, 1).full(4).support_x, b.support_x)  # a new step, new tasks
+    with pytest.raises(ValueError, match="source"):
+        fd.ShardedTaskSampler(object(), 4)
+    with pytest.raises(ValueError, match="process_group"):
+        _learner("maml", process_group="world")
+
+
+# ---------------------------------------------------------------------------------------------
+def _cfg(**kw):
+    cfg = dict(task="sinusoid", algo="maml", inner_lr=0.01, meta_lr=1e-2, meta_batch=5, shots=5, queries=5,
+               steps=3, inner_steps=1, val_every=0, val_tasks=4, test_tasks=4, seed=0, adapt="all",
+               strategy="auto", float64=False, out=None, progress=False, nproc=1, dist_timeout=PG_TIMEOUT)
+    cfg.update(kw)
+    return cfg
+
+
+def _train_worker(rank, world, cfg):
+    return fd.train(cfg, log=lambda *a, **k: None)["final_params"]
+
+
+def _quiet_train(cfg):
+    return fd.train(cfg, log=lambda *a, **k: None)["final_params"]
+
+
+# float32: the 2 ranks sum their tasks' gradients in another order than one process does (one
+# rounding per all-reduce, ~1e-7 relative), and Adam carries it over steps.
+TRAIN_TOL = 1e-5
+
+
+def test_two_process_training_and_resume_match_one_process(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    init = _quiet_train(_cfg(steps=0))
+    one3 = _quiet_train(_cfg(steps=3))
+    one6 = _quiet_train(_cfg(steps=6))
+    assert rel_err(one3, init) > 1e-3  # training moves the parameters far beyond the tolerance
+
+    two3 = fd.launch(_train_worker, 2, (_cfg(steps=3, out=str(ckpt)),), timeout=HARD_LIMIT,
+                     pg_timeout=PG_TIMEOUT, start_method=START, threads=1)
+    # Identical all-reduced gradients (and rank 0's "auto" strategy on both) -> identical Adam steps.
+    assert torch.equal(two3[0], two3[1])
+    assert rel_err(two3[0], one3) < TRAIN_TOL
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == 3 and saved["config"]["world_size"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # one writer, no temp files left
+
+    # Resume on 2 ranks from rank 0's step-3 checkpoint and continue to step 6.
+    two6 = fd.launch(_train_worker, 2, (_cfg(steps=6, out=str(ckpt), resume=True),), timeout=HARD_LIMIT,
+                     pg_timeout=PG_TIMEOUT, start_method=START, threads=1)
+    assert torch.equal(two6[0], two6[1])
+    assert rel_err(two6[0], one6) < TRAIN_TOL
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+    with pytest.raises(ValueError, match="resume"):
+        _quiet_train(_cfg(steps=7, out=str(ckpt), resume=True, meta_batch=6))
+
+
+# ---------------------------------------------------------------------------------------------
+FAIL_TIMEOUT = 6.0  # s: the process-group timeout under test
+
+
+def _failing_worker(rank, world, mode):
+    learner = _learner("maml")
+    sampler = _sampler(4)
+    # Warm up outside any collective (first-call costs must not count against the timeout).
+    learner.algorithm.meta_grad(learner.evaluator(), learner.layout, learner.layout.flatten(learner.model),
+                                sampler.sample(0))
+    for step in range(1, 6):
+        if rank == 1 and step == 3:
+            if mode == "die":
+                os._exit(7)
+            time.sleep(FAIL_TIMEOUT + 5)  # stall past the peer's timeout, then leave quietly
+            return ("stalled",)
+        t0 = time.monotonic()
+        try:
+            learner.meta_gradient(sampler.sample(step))
+        except fd.RankFailure as e:
+            return ("failed", step, time.monotonic() - t0, str(e))
+    return ("finished",)
+
+
+@pytest.mark.parametrize("mode", ["die", "stall"])
+def test_dead_or_stalled_rank_fails_the_others_within_the_timeout(mode):
+    res = fd.launch(_failing_worker, 2, (mode,), timeout=HARD_LIMIT, pg_timeout=FAIL_TIMEOUT,
+                    start_method=START, threads=1, raise_on_error=False)
+    assert res[0][0] == "ok", res[0]
+    outcome = res[0][1]
+    assert outcome[0] == "failed" and outcome[1] == 3, outcome
+    assert "rank 0 of 2" in outcome[3] and "timeout" in outcome[3], outcome[3]
+    assert outcome[2] < FAIL_TIMEOUT + 10, outcome
+    if mode == "die":
+        assert res[1] == ("missing", 7)
+    else:
+        assert outcome[2] > 0.8 * FAIL_TIMEOUT, outcome  # it was the timeout that ended the wait
+        assert res[1] == ("ok", ("stalled",))
+
+
+def test_launch_reports_a_failing_rank():
+    with pytest.raises(fd.LaunchError, match="rank 1: ValueError: boom"):
+        fd.launch(_raise_on_rank1, 2, timeout=HARD_LIMIT, pg_timeout=PG_TIMEOUT, start_method=START, threads=1)
+
+
+def _raise_on_rank1(rank, world):
+    if rank == 1:
+        raise ValueError("boom")
+    return rank
+
+
+def test_cli_nproc_routes_to_the_launcher(monkeypatch):
+    # `fastmeta train --nproc 2` must reach launch_train with the parsed config (the launch itself
+    # is covered above with fork; spawn re-imports torch in every rank and is too slow for CI).
+    seen = {}
+
+    def fake_launch_train(cfg, nproc, **kw):
+        seen.update(cfg=cfg, nproc=nproc)
+        return {}
+
+    monkeypatch.setattr(fd, "launch_train", fake_launch_train)
+    from fastmeta.cli import main
+
+    assert main(["train", "--nproc", "2", "--dist-timeout", "30", "--steps", "1", "--no-progress"]) == 0
+    assert seen["nproc"] == 2 and seen["cfg"]["dist_timeout"] == 30.0 and seen["cfg"]["meta_batch"] == 25
