@@ -36,7 +36,6 @@ to infinity as alpha -> 1/lambda), and for ``alpha > alpha_c`` the exact loss is
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
