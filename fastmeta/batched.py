@@ -171,6 +171,12 @@ class Evaluator:
             raise ValueError(f"bf16: needs float32 parameters (they are the float32 master weights), got {layout.dtype}")
         self.model, self.layout, self.loss_fn, self.strategy = model, layout, loss_fn, strategy
         self.channels_last, self.bf16 = channels_last, bf16
+        # The composite-norm mode routes every torch call of the forward through Python, which
+        # costs more than the whole forward of a small MLP: enter it only for models that have
+        # batch/instance-norm modules (the only callers of F.batch_norm / F.instance_norm in torch).
+        self._norm_mode = CompositeNorm if any(
+            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))
+            for m in model.modules()) else contextlib.nullcontext
 
     # ------------------------------------------------------------------ forward
     @_with_speed_modes
@@ -199,13 +205,13 @@ class Evaluator:
             def one_shared(row, sh, xt):
                 return functional_call(model, layout.named(row, sh), (xt,))
 
-            with CompositeNorm():
+            with self._norm_mode():
                 return vmap(one_shared, in_dims=(0, 0, 0), randomness="different")(rows, shared, x)
 
         def one(row, xt):
             return functional_call(model, layout.named(row, shared), (xt,))
 
-        with CompositeNorm():
+        with self._norm_mode():
             return vmap(one, in_dims=(0, 0), randomness="different")(rows, x)
 
     def losses(self, rows: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

@@ -19,7 +19,7 @@ from .models import Conv4, SineMLP, build_model
 CHECKPOINT_FORMAT = "fastmeta-checkpoint/1"
 
 DEFAULTS = {
-    "sinusoid": dict(inner_lr=0.01, meta_lr=3e-3, meta_batch=25, shots=10, queries=10, steps=5000,
+    "sinusoid": dict(inner_lr=0.01, meta_lr=3e-3, meta_batch=25, shots=10, queries=10, steps=3000,
                      val_every=1000, val_tasks=200, test_tasks=1000),
     "omniglot": dict(inner_lr=0.4, meta_lr=1e-3, meta_batch=16, ways=5, shots=1, queries=15, steps=600,
                      val_every=100, val_tasks=100, test_tasks=600),
