@@ -1,57 +1,18 @@
 """The ``cuda`` backend: CUDA kernels of ``_C_cuda`` (``csrc/cuda/<op>_kernel.cu``).
 
-Each function calls the raw native op ``torch.ops.fastmeta.<op>`` (CUDA dispatch key; the same
-schemas as the cpp backend). Availability (CUDA library loaded, CUDA tensors) is decided by
-``_backend``. Compiled here (nvcc, sm_80/sm_90) but never run on a GPU in this project's CI.
+The CUDA kernels are registered under the same ``torch.ops.fastmeta.<op>`` schemas as the C++ CPU
+kernels (CUDA dispatch key), so the ``cpp`` backend's thin wrappers serve both: the dispatcher
+picks the kernel by the tensors' device. Availability (CUDA library loaded, CUDA tensors) is
+decided by ``_backend``. Compiled here (nvcc, sm_80/sm_90) but never run on a GPU in this
+project's CI.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from ._backend import register
+from . import _cpp
+from ._backend import OPS, register
 
 BACKEND = "cuda"
 
-
-def _native():
-    from .. import _extension
-
-    _extension.load()
-    return torch.ops.fastmeta
-
-
-@register("row_norm", BACKEND)
-def row_norm(g: Tensor) -> Tensor:
-    return _native().row_norm(g)
-
-
-@register("sam_perturb", BACKEND)
-def sam_perturb(theta: Tensor, g: Tensor, radius: Tensor, mask: Tensor | None, eps: float,
-                global_norm: bool) -> Tensor:
-    return _native().sam_perturb(theta, g, radius, mask, eps, global_norm)
-
-
-@register("fd_hvp_points", BACKEND)
-def fd_hvp_points(theta: Tensor, v: Tensor, delta: Tensor) -> Tensor:
-    return _native().fd_hvp_points(theta, v, delta)
-
-
-@register("fd_hvp_combine", BACKEND)
-def fd_hvp_combine(g_o: Tensor, g_plus: Tensor, g_minus: Tensor, delta: Tensor, inner_lr: float,
-                   mean: bool) -> Tensor:
-    return _native().fd_hvp_combine(g_o, g_plus, g_minus, delta, inner_lr, mean)
-
-
-@register("swp_mask", BACKEND)
-def swp_mask(rows: int, cols: int, keep_prob: float, seed: int, rescale: bool, device: torch.device,
-             dtype: torch.dtype) -> Tensor:
-    out = torch.empty(rows, cols, device=device, dtype=dtype)
-    _native().swp_mask(out, keep_prob, seed, rescale)
-    return out
-
-
-@register("sds_select", BACKEND)
-def sds_select(loss_clean: Tensor, loss_perturbed: Tensor, k: int) -> Tensor:
-    return _native().sds_select(loss_clean, loss_perturbed, k)
+for _op in OPS:
+    register(_op, BACKEND)(getattr(_cpp, _op))
