@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import fastmeta  # noqa: E402
-from common import summary, time_interleaved, workload  # noqa: E402
+from common import smoke, summary, time_interleaved, workload  # noqa: E402
 from fastmeta.ops import _backend  # noqa: E402
 
 # name -> (factory(inner_lr, steps), adapt, inner steps, baseline config, target ratio, paper ratio)
@@ -137,7 +137,7 @@ def fd_error(tasks: int = 4, small: bool = False, deltas=(None, 1e-1, 1e-2, 1e-3
 # ------------------------------------------------------------------------------------ pytest
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bench_algorithm_step(benchmark, request, name):
-    small = request.config.getoption("benchmark_disable")
+    small = smoke(request.config)
     run = make_step(name, small=small)
     res = run()  # checked once: finite meta-gradient of the right size
     assert torch.isfinite(res.grad).all()
@@ -147,7 +147,7 @@ def test_bench_algorithm_step(benchmark, request, name):
 
 
 def test_bench_ratios_one_run(request, capsys):
-    small = request.config.getoption("benchmark_disable")
+    small = smoke(request.config)
     names = ["maml", "hfmaml", "sharp-low"] if small else list(CONFIGS)
     times = measure(names, rounds=1 if small else 3, small=small)
     with capsys.disabled():

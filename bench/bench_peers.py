@@ -76,7 +76,7 @@ def format_rows(res: dict) -> str:
 
 @pytest.mark.parametrize("name,first_order", CASES, ids=[f"{n}-{'fo' if fo else 'so'}" for n, fo in CASES])
 def test_peers(benchmark, request, capsys, name, first_order):
-    disabled = request.config.getoption("benchmark_disable")
+    disabled = C.smoke(request.config)
     wl = C.workload(name, small=disabled)
     res = measure(wl, first_order, rounds=1 if disabled else (20 if name == "sine" else 3),
                   modes=not disabled, log=lambda *a: None)

@@ -23,7 +23,7 @@ ROUNDS = {"sine": 30, "conv4": 5}
 
 @pytest.mark.parametrize("name", ["sine", "conv4"])
 def test_step_second_order(benchmark, request, capsys, name):
-    disabled = request.config.getoption("benchmark_disable")
+    disabled = C.smoke(request.config)
     wl = C.workload(name, small=disabled)
 
     check = C.check_gradient(wl, C.make_fastmeta, first_order=False)

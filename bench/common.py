@@ -406,6 +406,13 @@ def check_gradient(wl: Workload, make, first_order: bool, bf16: bool = False, ta
     return dict(ok=ok, rel_err=err, cos=cos, tol=tol, dtype=str(dtype).replace("torch.", ""))
 
 
+def smoke(config) -> bool:
+    """True for the CI smoke run (small presets, each benchmark once). pyproject's addopts pass
+    ``--benchmark-disable``; an explicit ``--benchmark-enable`` on the command line wins, as it
+    does in pytest-benchmark itself (checking ``benchmark_disable`` alone ignored it)."""
+    return bool(config.getoption("benchmark_disable")) and not config.getoption("benchmark_enable")
+
+
 # ---------------------------------------------------------------------------------------- timing
 def time_interleaved(fns: dict[str, Callable], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Round-robin timing: each round calls every function once (seconds per call)."""
@@ -448,8 +455,22 @@ def count_flops(fn: Callable) -> int:
     return int(fc.get_total_flops())
 
 
+def stall_fraction(seconds: float = 2.0, gap: float = 0.005) -> float:
+    """Fraction of ``seconds`` of wall clock during which a pure-Python busy loop did not run
+    (gaps longer than ``gap`` between consecutive clock reads): CPU steal by the host, or other
+    processes. On an idle, dedicated core this is ~0; the development VM measured 0.3-0.7."""
+    t0 = last = time.perf_counter()
+    lost = 0.0
+    while last - t0 < seconds:
+        now = time.perf_counter()
+        if now - last > gap:
+            lost += now - last
+        last = now
+    return lost / (last - t0)
+
+
 def machine() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (``stall_fraction``: see :func:`stall_fraction`)."""
     cpu = platform.processor() or "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -463,7 +484,7 @@ def machine() -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return dict(cpu=cpu, isa=flags, cores=os.cpu_count(), threads=torch.get_num_threads(),
                 torch=torch.__version__, python=platform.python_version(), load1=round(load, 2),
-                cuda=torch.cuda.is_available())
+                cuda=torch.cuda.is_available(), stall_fraction=round(stall_fraction(), 3))
 
 
 # ---------------------------------------------------------------------------------------- memory

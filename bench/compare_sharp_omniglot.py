@@ -47,6 +47,7 @@ def main() -> None:
                    help="step-time ratios of sharp-low / sharp-both to MAML (default: measure now)")
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
     p.add_argument("--json", help="write all results here")
+    p.add_argument("--out-dir", help="keep each run's checkpoint here as <algo>_seed<seed>.pt (for fastmeta landscape)")
     a = p.parse_args()
     if not DATA:
         sys.exit("Omniglot subsets not found under ../shared/data/omniglot")
@@ -59,7 +60,8 @@ def main() -> None:
         for seed in a.seeds:
             cfg = dict(DEFAULTS["omniglot"], task="omniglot", data_root=[str(d) for d in DATA], algo=algo,
                        inner_steps=1, seed=seed, steps=steps, meta_batch=a.meta_batch, test_tasks=a.test_tasks,
-                       val_every=0, strategy="loop", out=None, progress=False, rotations=True, **ALGOS[algo])
+                       val_every=0, strategy="loop",
+                       out=str(Path(a.out_dir) / f"{algo}_seed{seed}.pt") if a.out_dir else None, progress=False, rotations=True, **ALGOS[algo])
             t0 = time.perf_counter()
             s = train(cfg, log=lambda *_: None)
             r = dict(algo=algo, seed=seed, steps=steps, acc=s["test_accuracy"], ci95=s["test_accuracy_ci95"],

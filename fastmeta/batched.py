@@ -23,12 +23,20 @@ therefore intercepts ``F.batch_norm`` with a ``TorchFunctionMode`` and computes 
 ops (mean, biased var, rsqrt, affine): exact, any user model, same parameter names. Running
 statistics are not updated under ``vmap`` (meta-learning models normally use batch statistics,
 as fastmeta's Conv-4 does); use ``strategy="loop"`` if you need them updated.
+
+**ANIL feature caching** (Raghu et al. 2020; Sharp-MAML sec. 5.4, eq. 19). When only the head
+adapts and the model is ``head(body(x))``, the body's output depends on the shared parameters and
+the inputs only, not on the task rows. An evaluator built with a :class:`FeatureSplit` then
+computes ``body(shared; x)`` once per (``shared``, ``x``) tensor pair inside a
+:meth:`Evaluator.feature_scope` (every :meth:`Evaluator.over_tasks` chunk is one) and runs only the
+head at each inner step. The features keep their autograd graph, so the meta-gradient is exact:
+see :class:`FeatureSplit`.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +130,217 @@ class ChannelsLast(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _transforms_active() -> bool:
+    # Inside a user's torch.func transform (vmap/grad over the evaluator) cached tensors could
+    # belong to another transform level: never cache there.
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+class FeatureSplit:
+    """The body/head split of a model for exact ANIL feature caching (Raghu et al. 2020, ANIL;
+    Sharp-MAML sec. 5.4, eq. 19: Sharp-MAML with only the head adapted).
+
+    A model **qualifies** when
+
+    * the adapted parameters (``layout.adapted``) are exactly the trainable parameters of one
+      direct child module, the *head*;
+    * exactly one other direct child owns parameters, the *body* (parameter-free children such as
+      activations may exist), the model has no parameters of its own, and body and head share none;
+    * ``model(x) == head(body(x))``: checked once numerically, by :meth:`verify`, on the first
+      inputs the evaluator sees (the forward itself is not inspected).
+
+    Then the model output at task rows ``[T, D]`` is ``head(row_t; body(shared; x_t))`` and the
+    features ``body(shared; x)`` ``[T, N, ...]`` do not depend on the rows: the evaluator computes
+    them once per (``shared``, ``x``) pair and re-applies only the head at every inner step, SAM
+    ascent step and SDS evaluation. Exactness: the features are the very tensors the uncached
+    forward would compute, with their autograd graph; a gradient w.r.t. the head rows only never
+    enters (so never frees) the body's graph, and the outer ``autograd.grad(q.sum(), theta)``
+    traverses the body's graph once per (shared, x) pair, summing what each inner step sends back.
+
+    Attributes:
+        head_name, body_name: the direct children (``None`` when the model does not qualify).
+        required: ``feature_cache=True`` was asked: failures raise ``ValueError`` instead of
+            turning the cache off.
+        enabled: the cache is (still) on. verified: ``None`` until :meth:`verify` ran.
+        reason: why the cache is on or off, for ``MetaLearner.feature_cache_reason``.
+    """
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, required: bool = False):
+        self.model, self.layout, self.required = model, layout, bool(required)
+        self.body_name: Optional[str] = None
+        self.head_name: Optional[str] = None
+        self.verified: Optional[bool] = None
+        why = self._detect()
+        self.enabled = why is None
+        if why is not None:
+            self.reason = f"off: {why}"
+            if self.required:
+                raise ValueError(f"feature_cache: cannot apply: {why}")
+        else:
+            self.reason = (f"on: body {self.body_name!r} computed once per (body parameters, inputs), "
+                           f"head {self.head_name!r} adapted (to be verified on the first inputs)")
+        self._prepare()
+
+    def _detect(self) -> Optional[str]:
+        model, layout = self.model, self.layout
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        adapted = set(layout.adapted)
+        own = [n for n, _ in model.named_parameters(recurse=False)]
+        if own:
+            return f"the model has parameters of its own ({own}) outside its child modules"
+        children = list(model.named_children())
+        head = None
+        for name, child in children:
+            names = {f"{name}.{n}" for n, p in child.named_parameters() if p.requires_grad}
+            if names and names == adapted:
+                head = name
+        if head is None:
+            if adapted == trainable:
+                return ("every trainable parameter adapts (adapt='all', MAML): the body changes at every "
+                        "inner step, so there are no fixed features to cache; use adapt='head' (ANIL)")
+            return (f"the adapted parameters {sorted(adapted)} are not exactly the trainable parameters "
+                    "of one direct child module (the head)")
+        # The body may be frozen (requires_grad=False): its features are then constants.
+        others = [name for name, child in children
+                  if name != head and any(True for _ in child.parameters())]
+        if len(others) != 1:
+            return (f"expected exactly one direct child besides the head {head!r} that owns parameters "
+                    f"(the body), found {others}")
+        body = others[0]
+        head_ids = {id(p) for p in getattr(model, head).parameters()}
+        if any(id(p) in head_ids for p in getattr(model, body).parameters()):
+            return f"the body {body!r} and the head {head!r} share parameters"
+        self.body_name, self.head_name = body, head
+        return None
+
+    def _prepare(self) -> None:
+        # Offsets of the body's (shared) and the head's (adapted) parameters in the flat layout,
+        # under their names relative to the submodule, for functional_call on the submodule.
+        self.body = self.head = None
+        self._body_slots, self._head_slots = [], []
+        if not self.enabled:
+            return
+        self.body, self.head = getattr(self.model, self.body_name), getattr(self.model, self.head_name)
+        n_ad = len(self.layout.adapted)
+        for i, s in enumerate(self.layout.slots):
+            prefix = self.head_name if i < n_ad else self.body_name
+            local = s.name[len(prefix) + 1:]
+            if i < n_ad:
+                self._head_slots.append((local, s.offset, s.numel, s.shape))
+            else:
+                self._body_slots.append((local, s.offset - self.layout.D, s.numel, s.shape))
+
+    def body_params(self, shared: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named views of the body's parameters from ``shared`` ``[P-D]`` (frozen ones: the module's)."""
+        return {n: shared[o: o + k].view(shape) for n, o, k, shape in self._body_slots}
+
+    def head_params(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views of the head's parameters from one task row ``[D]``."""
+        return {n: row[o: o + k].view(shape) for n, o, k, shape in self._head_slots}
+
+    def disable(self, why: str) -> None:
+        self.enabled = False
+        self.reason = f"off: {why}"
+        if self.required:
+            raise ValueError(f"feature_cache: cannot apply: {why}")
+
+    def verify(self, x: torch.Tensor) -> bool:
+        """Check ``model(x) == head(body(x))`` once on a few samples ``x`` ``[n, ...]`` of one task.
+
+        Runs the module with its own parameters, without autograd, autocast, buffer updates (batch
+        norm running statistics are restored) or RNG consumption. A mismatch (skip connections,
+        a forward that is not ``head(body(x))``, random layers such as dropout) turns the cache off
+        and records why (``required``: raises ``ValueError`` naming ``feature_cache``).
+        """
+        if self.verified is not None or not self.enabled:
+            return self.enabled
+        model, dev = self.model, self.layout.device
+        x = x.detach()
+        if x.is_floating_point():
+            x = x.to(self.layout.dtype)
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), \
+                    torch.autocast(dev.type, enabled=False):
+                whole = model(x)
+                split = self.head(self.body(x))
+        except Exception as e:  # noqa: BLE001 - a model we cannot split this way just runs uncached
+            self.verified = False
+            self.disable(f"head(body(x)) could not be evaluated ({type(e).__name__}: {e})")
+            return False
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        self.verified = True
+        if not (isinstance(whole, torch.Tensor) and isinstance(split, torch.Tensor)) or whole.shape != split.shape:
+            self.verified = False
+            self.disable("model(x) and head(body(x)) differ in type or shape")
+            return False
+        if whole.is_floating_point():
+            # Same ops in the same order give the same numbers; a few ulps of slack for kernels
+            # that pick another blocking for another call site. A skip connection is far off.
+            tol = 64 * torch.finfo(whole.dtype).eps * (1.0 + float(whole.abs().max()))
+            err = float((whole - split).abs().max())
+            ok = err <= tol
+        else:
+            ok, err = torch.equal(whole, split), float("nan")
+        if not ok:
+            self.verified = False
+            self.disable(f"model(x) != {self.head_name}({self.body_name}(x)) on the first inputs (max abs difference "
+                         f"{err:.3g}): the forward is not head(body(x)) (skip connection? random layers?)")
+            return False
+        self.reason = self.reason.replace("to be verified on the first inputs", "verified on the first inputs")
+        return True
+
+    def __repr__(self) -> str:
+        return f"FeatureSplit(body={self.body_name!r}, head={self.head_name!r}, {self.reason})"
+
+
+class _FeatureCache:
+    """Memoized ``body(shared; x)`` per (shared, x) tensor pair, alive only inside feature scopes.
+
+    Entries hold strong references to their key tensors, so an ``id`` can never be reused by a new
+    tensor while its entry exists; the tensors' version counters, ``requires_grad`` flags and the
+    grad/inference/autocast modes are part of the key. Shared (by reference) between an evaluator
+    and its wrappers (``DistributedEvaluator`` copies the evaluator's ``__dict__``).
+    """
+
+    SIZE = 4  # support, query and a couple of transient (SDS-subset / per-task) entries
+
+    def __init__(self):
+        self.entries: list = []
+        self.depth = 0
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @staticmethod
+    def _key(shared, x, device_type: str):
+        return (None if shared is None else (shared._version, shared.requires_grad), x._version, x.requires_grad,
+                torch.is_inference_mode_enabled(), torch.is_autocast_enabled(device_type),
+                torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
+
+    def get(self, shared, x, device_type: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = self._key(shared, x, device_type)
+        grad_on = torch.is_grad_enabled()
+        for i, (sh, xx, k, with_graph, feats) in enumerate(self.entries):
+            # Features computed without autograd serve a call that records a graph only when
+            # nothing they depend on requires grad (then the graph would be empty anyway).
+            if sh is shared and xx is x and k == key and (with_graph or not grad_on or not (
+                    (shared is not None and shared.requires_grad) or x.requires_grad)):
+                self.entries.append(self.entries.pop(i))  # most recently used last
+                self.hits += 1
+                return feats
+        self.misses += 1
+        feats = compute()
+        self.entries.append((shared, x, key, grad_on, feats))
+        if len(self.entries) > self.SIZE:
+            self.entries.pop(0)
+        return feats
+
+
 def _with_speed_modes(forward):
     """Wrap :meth:`Evaluator.forward` in the evaluator's opt-in CPU speed modes.
 
@@ -157,10 +376,15 @@ class Evaluator:
         bf16: opt-in CPU speed mode: bf16 autocast with float32 master weights and float32
             meta-gradient accumulation (approximate: ~1e-2 relative gradient error). Needs
             float32 parameters.
+        feature_cache: ANIL feature caching (exact; see :class:`FeatureSplit`): ``False`` (off),
+            ``True`` (build the split; ``ValueError`` naming ``feature_cache`` if the model does
+            not qualify), or a :class:`FeatureSplit` shared by several evaluators (one numerical
+            verification for all). Caching happens only inside :meth:`feature_scope`.
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn, strategy: str, *,
-                 channels_last: bool = False, bf16: bool = False):
+                 channels_last: bool = False, bf16: bool = False,
+                 feature_cache: Union[bool, FeatureSplit] = False):
         if strategy not in ("vmap", "loop"):
             raise ValueError(f"strategy: expected 'vmap' or 'loop', got {strategy!r}")
         if not isinstance(channels_last, bool):
@@ -169,8 +393,18 @@ class Evaluator:
             raise ValueError(f"bf16: expected a bool, got {bf16!r}")
         if bf16 and layout.dtype != torch.float32:
             raise ValueError(f"bf16: needs float32 parameters (they are the float32 master weights), got {layout.dtype}")
+        if isinstance(feature_cache, FeatureSplit):
+            if feature_cache.model is not model or feature_cache.layout is not layout:
+                raise ValueError("feature_cache: this FeatureSplit was built for another model or layout")
+            split = feature_cache
+        elif isinstance(feature_cache, bool):
+            split = FeatureSplit(model, layout, required=True) if feature_cache else None
+        else:
+            raise ValueError(f"feature_cache: expected a bool or a FeatureSplit, got {feature_cache!r}")
         self.model, self.layout, self.loss_fn, self.strategy = model, layout, loss_fn, strategy
         self.channels_last, self.bf16 = channels_last, bf16
+        self.features: Optional[FeatureSplit] = split
+        self._feature_cache: Optional[_FeatureCache] = None if split is None else _FeatureCache()
         # The composite-norm mode routes every torch call of the forward through Python, which
         # costs more than the whole forward of a small MLP: enter it only for models that have
         # batch/instance-norm modules (the only callers of F.batch_norm / F.instance_norm in torch).
@@ -183,7 +417,9 @@ class Evaluator:
     def forward(self, rows: torch.Tensor, shared: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Model outputs ``[T, N, ...]`` for task rows ``[T, D]`` (or ``[D]``, broadcast) on ``x`` ``[T, N, ...]``.
 
-        ``shared`` is ``[P-D]`` (one value for all tasks) or ``[T, P-D]`` (per task).
+        ``shared`` is ``[P-D]`` (one value for all tasks) or ``[T, P-D]`` (per task). With ANIL
+        feature caching inside a :meth:`feature_scope`, the body's features for this (``shared``,
+        ``x``) pair are computed once and only the head runs on the rows (same values, same graph).
         """
         T = x.shape[0]
         if rows.dim() == 1:
@@ -197,6 +433,8 @@ class Evaluator:
         per_task_shared = shared is not None and shared.dim() == 2
         if per_task_shared and shared.shape[0] != T:
             raise ValueError(f"shared: has {shared.shape[0]} per-task rows but x has {T} tasks")
+        if self.caches_features and not _transforms_active() and self.features.verify(x[0, :8]):
+            return self._forward_split(rows, shared, x, per_task_shared, self._feature_cache)
         if self.strategy == "loop":
             return torch.stack([functional_call(model, layout.named(rows[t], shared[t] if per_task_shared else shared),
                                                 (x[t],)) for t in range(T)])
@@ -213,6 +451,59 @@ class Evaluator:
 
         with self._norm_mode():
             return vmap(one, in_dims=(0, 0), randomness="different")(rows, x)
+
+    def _forward_split(self, rows, shared, x, per_task_shared: bool, cache: "_FeatureCache") -> torch.Tensor:
+        # head(row_t; body(shared; x_t)) with the body's features memoized per (shared, x) pair.
+        # The body always runs per task (loop) or vmapped over tasks, never on T*N samples at once:
+        # batch norm uses each task's own batch statistics.
+        fs, T = self.features, x.shape[0]
+
+        def body_features() -> torch.Tensor:
+            if self.strategy == "loop":
+                return torch.stack([functional_call(fs.body, fs.body_params(shared[t] if per_task_shared else shared),
+                                                    (x[t],)) for t in range(T)])
+            with self._norm_mode():
+                if per_task_shared:
+                    return vmap(lambda sh, xt: functional_call(fs.body, fs.body_params(sh), (xt,)),
+                                in_dims=(0, 0), randomness="different")(shared, x)
+                params = fs.body_params(shared)
+                return vmap(lambda xt: functional_call(fs.body, params, (xt,)), randomness="different")(x)
+
+        feats = cache.get(shared, x, self.layout.device.type, body_features)
+        if self.strategy == "loop":
+            return torch.stack([functional_call(fs.head, fs.head_params(rows[t]), (feats[t],)) for t in range(T)])
+        with self._norm_mode():
+            return vmap(lambda row, f: functional_call(fs.head, fs.head_params(row), (f,)),
+                        in_dims=(0, 0), randomness="different")(rows, feats)
+
+    @property
+    def caches_features(self) -> bool:
+        """Whether calls made now memoize the body's features (ANIL feature caching is on for this
+        evaluator and a :meth:`feature_scope` is open; see :class:`FeatureSplit`)."""
+        return (self._feature_cache is not None and self._feature_cache.depth > 0
+                and self.features.enabled)
+
+    @contextlib.contextmanager
+    def feature_scope(self):
+        """Within this context the body's features are memoized (ANIL feature caching); the cache
+        is emptied whenever a scope is entered or left, so cached features (and the autograd graphs
+        they carry) never outlive one task chunk. No-op without feature caching.
+
+        Inside a scope, do not backpropagate through the body (w.r.t. ``shared``) and then evaluate
+        the same ``shared`` and ``x`` tensor objects again: the second call would reuse features
+        whose graph was freed. Gradients w.r.t. the head rows only never touch the body's graph.
+        """
+        cache = self._feature_cache
+        if cache is None:
+            yield
+            return
+        cache.clear()
+        cache.depth += 1
+        try:
+            yield
+        finally:
+            cache.depth -= 1
+            cache.clear()
 
     def losses(self, rows: torch.Tensor, shared: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                per_sample: bool = False, return_outputs: bool = False):
@@ -253,11 +544,13 @@ class Evaluator:
 
         Returns the mean gradient over all T tasks (meta-gradients average over tasks, not sum)
         and the per-task tensors concatenated along dim 0. One chunk's graph is freed before the
-        next is built, which is what keeps the loop strategy at one task's memory.
+        next is built, which is what keeps the loop strategy at one task's memory. Each chunk runs in
+        its own :meth:`feature_scope` (ANIL feature caching: the body's features live for one chunk).
         """
         total, extras = None, None
         for sub in self.chunks(batch):
-            g, *rest = fn(sub)
+            with self.feature_scope():
+                g, *rest = fn(sub)
             total = g if total is None else total + g
             extras = [[r] for r in rest] if extras is None else [e + [r] for e, r in zip(extras, rest)]
         extras = [torch.cat(e) for e in (extras or [])]

@@ -27,6 +27,11 @@ def _add_train(sub) -> None:
     p.add_argument("--inner-steps", type=int, default=1)
     p.add_argument("--no-rotations", dest="rotations", action="store_false", help="Omniglot: no 90-degree rotation classes")
     p.add_argument("--float64", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="CPU speed mode: NHWC convolutions (exact)")
+    p.add_argument("--bf16", action="store_true",
+                   help="CPU speed mode: bf16 autocast, float32 weights and meta-gradient (approximate)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop meta-training after this many minutes of wall clock (then meta-test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fastmeta_ckpt.pt", help="checkpoint path (written atomically)")
     p.add_argument("--no-progress", dest="progress", action="store_false")

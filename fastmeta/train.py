@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -135,13 +136,28 @@ def train(cfg: dict, log=None) -> dict:
         model = model.double()
     algo = build_algorithm(cfg)
     learner = MetaLearner(model, algo, loss_fn=src.loss_fn, adapt=cfg.get("adapt", "all"),
-                          strategy=cfg.get("strategy", "auto"))
+                          strategy=cfg.get("strategy", "auto"), channels_last=bool(cfg.get("channels_last")),
+                          bf16=bool(cfg.get("bf16")))
+    limit = cfg.get("time_limit")
+    if limit is not None and not limit > 0:
+        raise ValueError(f"time_limit: expected a positive number of minutes, got {limit!r}")
     opt = torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"])
     out = Path(cfg["out"]) if cfg.get("out") else None
     history = []
     t0 = time.perf_counter()
     bar = tqdm(range(1, cfg["steps"] + 1), desc=f"{cfg['algo']} on {cfg['task']}", disable=not cfg.get("progress", True))
+    steps_done = 0
+
+    def say(msg: str) -> None:
+        bar.write(msg)  # keeps the progress bar intact; flushed so redirected logs show it now
+        sys.stdout.flush()
+
     for step in bar:
+        # The budget covers everything before meta-testing (validation included).
+        if limit is not None and time.perf_counter() - t0 > 60 * limit:
+            say(f"time limit of {limit:g} min reached after {steps_done} steps")
+            break
+        steps_done = step
         opt.zero_grad(set_to_none=True)
         res = learner.step(src.train.sample(cfg["meta_batch"]))
         opt.step()
@@ -155,12 +171,15 @@ def train(cfg: dict, log=None) -> dict:
             val = evaluate_tasks(learner, src.val, cfg["val_tasks"])
             history.append(dict(step=step, train_loss=res.loss, val_loss=val.loss, val_accuracy=val.accuracy,
                                 seconds=time.perf_counter() - t0))
-            bar.write(f"step {step}: meta-validation {val}")
+            say(f"step {step}: meta-validation {val}")
             if out is not None:
                 save_checkpoint(out, _payload(cfg, src, model, opt, step, history))
     train_seconds = time.perf_counter() - t0
+    if steps_done < cfg["steps"] and cfg.get("val_every") and (not history or history[-1]["step"] != steps_done):
+        history.append(dict(step=steps_done, train_loss=res.loss, val_loss=None, val_accuracy=None,
+                            seconds=train_seconds))
     test = evaluate_tasks(learner, src.test, cfg["test_tasks"], progress=cfg.get("progress", True))
-    summary = dict(train_seconds=train_seconds, test_loss=test.loss, test_loss_ci95=test.loss_ci95,
+    summary = dict(train_seconds=train_seconds, steps=steps_done, test_loss=test.loss, test_loss_ci95=test.loss_ci95,
                    test_accuracy=test.accuracy, test_accuracy_ci95=test.accuracy_ci95, test_tasks=test.num_tasks,
                    strategy=learner.chosen_strategy, split=src.split)
     if cfg["task"] == "sinusoid":
@@ -169,9 +188,9 @@ def train(cfg: dict, log=None) -> dict:
             f"post-adaptation MSE ({cfg['inner_steps']} step) {test.loss:.4f} ± {test.loss_ci95:.4f}")
     else:
         log(f"meta-test on {test.num_tasks} tasks from held-out alphabets {src.split['test']}: {test}")
-    log(f"training time {train_seconds:.1f} s for {cfg['steps']} steps")
+    log(f"training time {train_seconds:.1f} s for {steps_done} steps")
     if out is not None:
-        save_checkpoint(out, _payload(cfg, src, model, opt, cfg["steps"], history, summary))
+        save_checkpoint(out, _payload(cfg, src, model, opt, steps_done, history, summary))
         log(f"checkpoint: {out}")
     summary["learner"] = learner
     return summary
@@ -194,4 +213,5 @@ def learner_from_checkpoint(ckpt: dict) -> MetaLearner:
     model.load_state_dict(ckpt["model_state"])
     loss = "mse" if cfg["task"] == "sinusoid" else "cross_entropy"
     return MetaLearner(model, build_algorithm(cfg), loss_fn=loss, adapt=cfg.get("adapt", "all"),
-                       strategy=cfg.get("strategy", "auto"))
+                       strategy=cfg.get("strategy", "auto"), channels_last=bool(cfg.get("channels_last")),
+                       bf16=bool(cfg.get("bf16")))

@@ -169,3 +169,40 @@ def sharp_maml_meta_grad(model, batch, loss_fn, inner_lr, inner_steps, adapt_nam
     base2 = {n: (params[n].detach() + alpha_up * g1[n] / nrm).requires_grad_() for n in names}
     g2, _ = one_pass(base2, eps_all if alpha_low > 0 else None)
     return g2
+
+
+# ---------------------------------------------------------------------------------------- test cases
+# Small float64 problems shared by the algorithm tests (test_maml, test_sharp, test_hfmaml).
+def mlp_case(activation="tanh", dtype=torch.float64):
+    """A tanh sine MLP on 3 regression tasks (6 support, 8 query points each), MSE, inner lr 0.05."""
+    import torch.nn.functional as F
+    import fastmeta
+    from fastmeta.tasks import TaskBatch
+
+    model = fastmeta.SineMLP(hidden=12, activation=activation).to(dtype)
+    x = torch.rand(3, 14, 1, dtype=dtype) * 10 - 5
+    y = 2.0 * torch.sin(x - 0.3)
+    return model, TaskBatch(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:]), F.mse_loss, 0.05
+
+
+def conv_case(dtype=torch.float64):
+    """Conv-4 with batch norm (hidden 6, 16x16 images) on 3 tasks of 3-way 2-shot, inner lr 0.3."""
+    import torch.nn.functional as F
+    import fastmeta
+    from fastmeta.tasks import TaskBatch
+
+    model = fastmeta.Conv4(ways=3, hidden=6, image_size=16).to(dtype)
+    x = torch.randn(3, 3 * 4, 1, 16, 16, dtype=dtype)
+    y = torch.arange(3).repeat_interleave(4).expand(3, -1)
+    b = TaskBatch(x[:, ::2], y[:, ::2].contiguous(), x[:, 1::2], y[:, 1::2].contiguous(), ways=3)
+    return model, b, F.cross_entropy, 0.3
+
+
+def run(algo, model, batch, loss_fn, adapt="all", strategy="vmap"):
+    """fastmeta's meta-gradient of ``algo`` on ``batch`` through one Evaluator: ``(MetaResult, layout)``."""
+    from fastmeta.batched import Evaluator
+    from fastmeta.params import ParamLayout
+
+    layout = ParamLayout(model, adapt)
+    ev = Evaluator(model, layout, loss_fn, strategy)
+    return algo.meta_grad(ev, layout, layout.flatten(model), batch), layout

@@ -32,6 +32,25 @@ def test_train_omniglot_tiny(tmp_path, omniglot_zips, capsys):
     assert set(c["summary"]) >= {"test_accuracy", "test_accuracy_ci95"}
 
 
+def test_time_limit_stops_meta_training_then_meta_tests(tmp_path, monkeypatch, capsys):
+    import types
+
+    import fastmeta.train as train_mod
+
+    ticks = iter(range(0, 10 ** 6, 20))  # a fake clock: every read advances 20 s
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    ckpt = tmp_path / "limited.pt"
+    assert main(["train", "--steps", "50", "--time-limit", "1", "--val-every", "0", "--test-tasks", "10",
+                 "--strategy", "vmap", "--out", str(ckpt), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # t0 = 0; the checks before steps 1-3 read 20, 40, 60 s (not over 60), step 4's reads 80 s.
+    assert "time limit of 1 min reached after 3 steps" in out and "post-adaptation MSE" in out
+    c = load_checkpoint(ckpt)
+    assert c["step"] == 3 and c["summary"]["steps"] == 3
+    with pytest.raises(ValueError, match="time_limit"):
+        main(["train", "--steps", "2", "--time-limit", "0", "--no-progress", "--out", str(ckpt)])
+
+
 def test_checkpoint_is_atomic_and_rejects_foreign_files(tmp_path):
     p = tmp_path / "x.pt"
     save_checkpoint(p, {"format": "fastmeta-checkpoint/1", "w": torch.ones(2)})

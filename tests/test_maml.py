@@ -6,29 +6,12 @@ The Conv-4 + BatchNorm cases under ``vmap`` are the ones that fail if the functo
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastmeta
 from fastmeta.batched import Evaluator
 from fastmeta.params import ParamLayout
-from fastmeta.tasks import TaskBatch
 
-from reference import flat, maml_meta_grad, rel_err
-
-
-def mlp_case():
-    model = fastmeta.SineMLP(hidden=12, activation="tanh").double()
-    x = torch.rand(3, 14, 1, dtype=torch.float64) * 10 - 5
-    y = 2.0 * torch.sin(x - 0.3)
-    return model, TaskBatch(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:]), F.mse_loss, 0.05
-
-
-def conv_case():
-    model = fastmeta.Conv4(ways=3, hidden=6, image_size=16).double()
-    x = torch.randn(3, 3 * 4, 1, 16, 16, dtype=torch.float64)
-    y = torch.arange(3).repeat_interleave(4).expand(3, -1)
-    b = TaskBatch(x[:, ::2], y[:, ::2].contiguous(), x[:, 1::2], y[:, 1::2].contiguous(), ways=3)
-    return model, b, F.cross_entropy, 0.3
+from reference import conv_case, flat, maml_meta_grad, mlp_case, rel_err
 
 
 @pytest.mark.parametrize("case", [mlp_case, conv_case], ids=["mlp", "conv4_bn"])

@@ -5,36 +5,12 @@ import argparse
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastmeta
 from fastmeta.algorithms.registry import FACTORIES, add_algorithm_args, build_algorithm
 from fastmeta.batched import Evaluator
-from fastmeta.params import ParamLayout
-from fastmeta.tasks import TaskBatch
 
-from reference import flat, maml_meta_grad, rel_err, sharp_maml_meta_grad
-
-
-def mlp_case():
-    model = fastmeta.SineMLP(hidden=12, activation="tanh").double()
-    x = torch.rand(3, 14, 1, dtype=torch.float64) * 10 - 5
-    y = 2.0 * torch.sin(x - 0.3)
-    return model, TaskBatch(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:]), F.mse_loss, 0.05
-
-
-def conv_case():
-    model = fastmeta.Conv4(ways=3, hidden=6, image_size=16).double()
-    x = torch.randn(3, 3 * 4, 1, 16, 16, dtype=torch.float64)
-    y = torch.arange(3).repeat_interleave(4).expand(3, -1)
-    b = TaskBatch(x[:, ::2], y[:, ::2].contiguous(), x[:, 1::2], y[:, 1::2].contiguous(), ways=3)
-    return model, b, F.cross_entropy, 0.3
-
-
-def run(algo, model, batch, loss_fn, adapt="all", strategy="vmap"):
-    layout = ParamLayout(model, adapt)
-    ev = Evaluator(model, layout, loss_fn, strategy)
-    return algo.meta_grad(ev, layout, layout.flatten(model), batch), layout
+from reference import conv_case, flat, maml_meta_grad, mlp_case, rel_err, run, sharp_maml_meta_grad
 
 
 VARIANTS = {"low": (0.1, 0.0), "up": (0.0, 0.1), "both": (0.1, 0.1)}

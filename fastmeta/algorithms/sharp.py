@@ -115,8 +115,13 @@ class SharpMAML(Algorithm):
     def _support_grad(self, ev: Evaluator, w: torch.Tensor, shared: torch.Tensor, x, y):
         """First-order support gradient ``[T, D]`` at ``w`` (a constant) and per-sample losses ``[T, N]``."""
         wd = w.detach().requires_grad_()
+        # Under ANIL feature caching pass ``shared`` itself (the cache is keyed on identity): this
+        # call and the inner step then share one body evaluation; the gradient is taken w.r.t.
+        # ``wd`` only, so the body's graph is neither traversed nor freed. Without the cache, the
+        # detached copy keeps the body's graph from being recorded at all.
+        sh = shared if getattr(ev, "caches_features", False) else shared.detach()
         with torch.enable_grad():
-            per = ev.losses(wd, shared.detach(), x, y, per_sample=True)
+            per = ev.losses(wd, sh, x, y, per_sample=True)
             (g,) = torch.autograd.grad(per.mean(1).sum(), wd)
         return g, per.detach()
 
@@ -144,7 +149,7 @@ class SharpMAML(Algorithm):
                         idx = None
                         if self.sds_ratio is not None:
                             with torch.no_grad():
-                                per_pert = ev.losses(w.detach() + eps, shared.detach(), x, y, per_sample=True)
+                                per_pert = ev.losses(w.detach() + eps, shared, x, y, per_sample=True)
                             # ESAM SDS: keep the samples whose loss rises most; in their original order.
                             idx = ops.sds_select(per_clean, per_pert, self.sds_ratio).sort(dim=1).values
                     used.append((eps, idx))
