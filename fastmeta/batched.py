@@ -239,7 +239,7 @@ class FeatureSplit:
         return {n: row[o: o + k].view(shape) for n, o, k, shape in self._head_slots}
 
     def disable(self, why: str) -> None:
-        self.enabled = False
+        self.enabled = self.verified = False
         self.reason = f"off: {why}"
         if self.required:
             raise ValueError(f"feature_cache: cannot apply: {why}")
@@ -265,7 +265,6 @@ class FeatureSplit:
                 whole = model(x)
                 split = self.head(self.body(x))
         except Exception as e:  # noqa: BLE001 - a model we cannot split this way just runs uncached
-            self.verified = False
             self.disable(f"head(body(x)) could not be evaluated ({type(e).__name__}: {e})")
             return False
         finally:
@@ -274,7 +273,6 @@ class FeatureSplit:
                     b.copy_(saved)
         self.verified = True
         if not (isinstance(whole, torch.Tensor) and isinstance(split, torch.Tensor)) or whole.shape != split.shape:
-            self.verified = False
             self.disable("model(x) and head(body(x)) differ in type or shape")
             return False
         if whole.is_floating_point():
@@ -286,7 +284,6 @@ class FeatureSplit:
         else:
             ok, err = torch.equal(whole, split), float("nan")
         if not ok:
-            self.verified = False
             self.disable(f"model(x) != {self.head_name}({self.body_name}(x)) on the first inputs (max abs difference "
                          f"{err:.3g}): the forward is not head(body(x)) (skip connection? random layers?)")
             return False

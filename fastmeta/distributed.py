@@ -444,10 +444,8 @@ def train(cfg: dict, log=print) -> dict:
     ``cfg["out"]`` on every rank. Validation and the final meta-test run on every rank (the same
     tasks; no rank waits at a collective while another evaluates).
     """
-    from .algorithms.registry import build_algorithm
-    from .learner import MetaLearner
     from .models import build_model
-    from .train import TaskSource, _payload, evaluate_tasks, pre_adaptation_loss
+    from .train import TaskSource, _payload, evaluate_tasks, learner_from_config, pre_adaptation_loss
 
     nproc = cfg.get("nproc")
     if nproc is not None and (isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1):
@@ -467,8 +465,7 @@ def train(cfg: dict, log=print) -> dict:
     model = build_model(src.model_config)
     if cfg.get("float64"):
         model = model.double()
-    learner = MetaLearner(model, build_algorithm(cfg), loss_fn=src.loss_fn, adapt=cfg.get("adapt", "all"),
-                          strategy=cfg.get("strategy", "auto"), process_group=group)
+    learner = learner_from_config(cfg, model, src.loss_fn, process_group=group)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"])
     sampler = ShardedTaskSampler(src.train, cfg["meta_batch"], seed=cfg["seed"], process_group=group)
     out = Path(cfg["out"]) if cfg.get("out") else None

@@ -134,10 +134,7 @@ def train(cfg: dict, log=None) -> dict:
     model = build_model(src.model_config)
     if cfg.get("float64"):
         model = model.double()
-    algo = build_algorithm(cfg)
-    learner = MetaLearner(model, algo, loss_fn=src.loss_fn, adapt=cfg.get("adapt", "all"),
-                          strategy=cfg.get("strategy", "auto"), channels_last=bool(cfg.get("channels_last")),
-                          bf16=bool(cfg.get("bf16")))
+    learner = learner_from_config(cfg, model, src.loss_fn)
     limit = cfg.get("time_limit")
     if limit is not None and not limit > 0:
         raise ValueError(f"time_limit: expected a positive number of minutes, got {limit!r}")
@@ -175,9 +172,6 @@ def train(cfg: dict, log=None) -> dict:
             if out is not None:
                 save_checkpoint(out, _payload(cfg, src, model, opt, step, history))
     train_seconds = time.perf_counter() - t0
-    if steps_done < cfg["steps"] and cfg.get("val_every") and (not history or history[-1]["step"] != steps_done):
-        history.append(dict(step=steps_done, train_loss=res.loss, val_loss=None, val_accuracy=None,
-                            seconds=train_seconds))
     test = evaluate_tasks(learner, src.test, cfg["test_tasks"], progress=cfg.get("progress", True))
     summary = dict(train_seconds=train_seconds, steps=steps_done, test_loss=test.loss, test_loss_ci95=test.loss_ci95,
                    test_accuracy=test.accuracy, test_accuracy_ci95=test.accuracy_ci95, test_tasks=test.num_tasks,
@@ -211,7 +205,12 @@ def learner_from_checkpoint(ckpt: dict) -> MetaLearner:
     if cfg.get("float64"):
         model = model.double()
     model.load_state_dict(ckpt["model_state"])
-    loss = "mse" if cfg["task"] == "sinusoid" else "cross_entropy"
-    return MetaLearner(model, build_algorithm(cfg), loss_fn=loss, adapt=cfg.get("adapt", "all"),
+    return learner_from_config(cfg, model, "mse" if cfg["task"] == "sinusoid" else "cross_entropy")
+
+
+def learner_from_config(cfg: dict, model, loss_fn, process_group=None) -> MetaLearner:
+    """The :class:`MetaLearner` a ``fastmeta train`` config describes (algorithm, adapt, strategy,
+    speed modes); one place for training, checkpoints and the distributed driver."""
+    return MetaLearner(model, build_algorithm(cfg), loss_fn=loss_fn, adapt=cfg.get("adapt", "all"),
                        strategy=cfg.get("strategy", "auto"), channels_last=bool(cfg.get("channels_last")),
-                       bf16=bool(cfg.get("bf16")))
+                       bf16=bool(cfg.get("bf16")), process_group=process_group)
