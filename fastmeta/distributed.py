@@ -432,6 +432,21 @@ def launch_train(cfg: dict, nproc: int, start_method: str = "spawn", timeout: Op
                   pg_timeout=float(cfg.get("dist_timeout") or DEFAULT_TIMEOUT))[0]
 
 
+def _over_budget(mine: bool, group) -> bool:
+    """True on every rank as soon as any rank's clock says the time budget is spent.
+
+    Each rank's clock differs a little; stopping on rank 0's word alone would still need a
+    broadcast, and a MAX all-reduce of one flag costs the same (~0.1 ms on loopback, once per step)
+    while keeping all ranks at the same step (else one rank would wait forever at the next
+    gradient all-reduce).
+    """
+    if group is None:
+        return mine
+    flag = torch.tensor([1.0 if mine else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag[0] > 0)
+
+
 def train(cfg: dict, log=print) -> dict:
     """The meta-training loop of ``fastmeta train`` with the task dimension sharded over ranks.
 
@@ -486,9 +501,17 @@ def train(cfg: dict, log=print) -> dict:
         f"{cfg['meta_batch']} tasks per step, shard sizes "
         f"{[len(shard_range(cfg['meta_batch'], r, world)) for r in range(world)]}")
 
+    limit = cfg.get("time_limit")
+    if limit is not None and not limit > 0:
+        raise ValueError(f"time_limit: expected a positive number of minutes, got {limit!r}")
     t0 = time.perf_counter()
     res = None
+    steps_done = start - 1
     for step in range(start, cfg["steps"] + 1):
+        if limit is not None and _over_budget(time.perf_counter() - t0 > 60 * limit, group):
+            log(f"time limit of {limit:g} min reached after {steps_done} steps")
+            break
+        steps_done = step
         opt.zero_grad(set_to_none=True)
         res = learner.step(sampler.sample(step))
         opt.step()
@@ -507,7 +530,7 @@ def train(cfg: dict, log=print) -> dict:
     train_seconds = time.perf_counter() - t0
     test = evaluate_tasks(learner, src.test, cfg["test_tasks"])
     dev = getattr(learner, "_dist_ev", None)
-    summary = dict(train_seconds=train_seconds, test_loss=test.loss, test_loss_ci95=test.loss_ci95,
+    summary = dict(train_seconds=train_seconds, steps=steps_done, test_loss=test.loss, test_loss_ci95=test.loss_ci95,
                    test_accuracy=test.accuracy, test_accuracy_ci95=test.accuracy_ci95, test_tasks=test.num_tasks,
                    strategy=learner.chosen_strategy, split=src.split, world_size=world, rank=rank,
                    comm_seconds=dev.comm_seconds if dev is not None else 0.0,
@@ -517,7 +540,7 @@ def train(cfg: dict, log=print) -> dict:
     log(f"meta-test on {test.num_tasks} tasks: {test}; training {train_seconds:.1f} s on {world} rank(s), "
         f"{summary['comm_seconds']:.2f} s in {summary['all_reduces']} all-reduces (rank {rank})")
     if out is not None:
-        save_checkpoint(out, _payload(cfg, src, model, opt, cfg["steps"], history, summary), group)
+        save_checkpoint(out, _payload(cfg, src, model, opt, steps_done, history, summary), group)
         log(f"checkpoint: {out}")
     summary["final_params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     summary["learner"] = learner

@@ -126,6 +126,9 @@ def train(cfg: dict, log=None) -> dict:
     log = log or functools.partial(print, flush=True)
     from . import distributed
 
+    limit = cfg.get("time_limit")
+    if limit is not None and not limit > 0:
+        raise ValueError(f"time_limit: expected a positive number of minutes, got {limit!r}")
     if cfg.get("nproc") is not None or cfg.get("resume") or distributed.under_torchrun():
         # Task-sharded training (fastmeta.distributed): --nproc N, --resume, or torchrun.
         return distributed.train(cfg, log)
@@ -135,9 +138,6 @@ def train(cfg: dict, log=None) -> dict:
     if cfg.get("float64"):
         model = model.double()
     learner = learner_from_config(cfg, model, src.loss_fn)
-    limit = cfg.get("time_limit")
-    if limit is not None and not limit > 0:
-        raise ValueError(f"time_limit: expected a positive number of minutes, got {limit!r}")
     opt = torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"])
     out = Path(cfg["out"]) if cfg.get("out") else None
     history = []

@@ -153,6 +153,33 @@ def test_two_process_training_and_resume_match_one_process(tmp_path):
         _quiet_train(_cfg(steps=7, out=str(ckpt), resume=True, meta_batch=6))
 
 
+def _limited_train_worker(rank, world, cfg):
+    import types
+
+    if rank == 1:
+        # Only rank 1's clock runs out (after 7 reads): the ranks must still stop at the same step,
+        # or rank 0 would wait forever in the next gradient all-reduce.
+        reads = iter(range(10 ** 6))
+        fd.time = types.SimpleNamespace(perf_counter=lambda: 0.0 if next(reads) < 7 else 1e6,
+                                        monotonic=time.monotonic)
+    s = fd.train(cfg, log=lambda *a, **k: None)
+    return s["steps"], s["final_params"]
+
+
+def test_time_limit_stops_all_ranks_at_the_same_step(tmp_path):
+    ckpt = tmp_path / "limited.pt"
+    res = fd.launch(_limited_train_worker, 2, (_cfg(steps=6, time_limit=1.0, out=str(ckpt)),),
+                    timeout=HARD_LIMIT, pg_timeout=PG_TIMEOUT, start_method=START, threads=1)
+    (s0, p0), (s1, p1) = res
+    assert s0 == s1 and 1 <= s0 < 6, (s0, s1)
+    assert torch.equal(p0, p1)
+    assert rel_err(p0, _quiet_train(_cfg(steps=s0))) < TRAIN_TOL  # exactly s0 steps were taken
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == s0 and saved["summary"]["steps"] == s0
+    with pytest.raises(ValueError, match="time_limit"):
+        _quiet_train(_cfg(time_limit=-1.0))
+
+
 # ---------------------------------------------------------------------------------------------
 FAIL_TIMEOUT = 6.0  # s: the process-group timeout under test
 
