@@ -8,13 +8,17 @@ Shapes ``[T, D] = [16, 112_000]`` (Conv-4 Omniglot: D ~ 112k adapted parameters,
 so benchmark and tests never drift); the floor is ``dst.copy_(src)`` of a tensor sized so that the
 copy reads + writes as many bytes as the op must minimally move (reads of every input once plus the
 output write). ``copy_time / op_time`` is then the fraction of copy bandwidth the op reaches.
-Every benchmark checks its output once, so a fast wrong kernel fails.
+Every benchmark checks its output once, so a fast wrong kernel fails. The script also prints the
+page faults per call (median): an output glibc serves from a fresh ``mmap`` (above its dynamic
+threshold, at most 32 MiB) is faulted in page by page on every call, which can cost more than the
+op itself; the copy floor writes into a preallocated tensor and never pays it.
 Under ``--benchmark-disable`` (CI smoke) each case runs once.
 """
 
 from __future__ import annotations
 
 import math
+import resource
 import statistics
 import sys
 import time
@@ -143,18 +147,22 @@ def measure(repeats: int = 30) -> list[dict]:
                 check_output(op, t, d, args, cpp())
                 fns = {"cpp": cpp, "eager": eager_call(op, t, d, args), "copy": copy_call(op, t, d)}
                 times = {k: [] for k in fns}
+                faults = {k: [] for k in fns}
                 for _ in range(3):
                     for f in fns.values():
                         f()
                 for _ in range(repeats):
                     for k, f in fns.items():
+                        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                         t0 = time.perf_counter()
                         f()
                         times[k].append(time.perf_counter() - t0)
+                        faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             best = {k: min(v) for k, v in times.items()}
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append(dict(op=op, shape=f"{t}x{d}", **{f"{k}_ms": best[k] * 1e3 for k in best},
                              **{f"{k}_median_ms": med[k] * 1e3 for k in med},
+                             cpp_faults=statistics.median(faults["cpp"]), eager_faults=statistics.median(faults["eager"]),
                              speedup=best["eager"] / best["cpp"], bandwidth=best["copy"] / best["cpp"],
                              gbps=MIN_TRAFFIC[op] * t * d * 4 / best["cpp"] / 1e9))
     return rows
@@ -166,10 +174,11 @@ def main() -> None:
     repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; best of {repeats} interleaved runs")
     print(f"{'op':<16}{'shape':<11}{'cpp ms':>9}{'eager ms':>10}{'copy ms':>9}{'eager/cpp':>11}{'copy/cpp':>10}"
-          f"{'cpp GB/s':>10}")
+          f"{'cpp GB/s':>10}{'faults cpp/eager':>18}")
     for r in measure(repeats):
         print(f"{r['op']:<16}{r['shape']:<11}{r['cpp_ms']:>9.3f}{r['eager_ms']:>10.3f}{r['copy_ms']:>9.3f}"
-              f"{r['speedup']:>10.2f}x{r['bandwidth']:>10.2f}{r['gbps']:>10.1f}")
+              f"{r['speedup']:>10.2f}x{r['bandwidth']:>10.2f}{r['gbps']:>10.1f}"
+              f"{r['cpp_faults']:>10.0f}/{r['eager_faults']:<7.0f}")
 
 
 if __name__ == "__main__":

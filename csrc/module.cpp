@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "cpu/vec/row_kernels.h"
+
 // The torch version comes from setup.py (torch.__version__ of the torch compiled against); the
 // torch headers are kept out of this file so torch's bundled pybind11 copy cannot shadow pybind11.
 #ifndef FASTMETA_TORCH_VERSION
@@ -34,6 +36,8 @@ static py::dict build_info() {
   info["openmp"] = py::none();
 #endif
   info["cuda_config"] = FASTMETA_CUDA_CONFIG;
+  info["cpu_isa"] = fastmeta::cpu::vec::active_isa();
+  info["cpu_isas_supported"] = fastmeta::cpu::vec::supported_isas();
   info["ops"] = py::make_tuple("row_norm", "sam_perturb", "fd_hvp_points", "fd_hvp_combine", "swp_mask",
                                "sds_select");
   return info;
@@ -42,4 +46,11 @@ static py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmeta native ops (C++ CPU kernels registered under torch.ops.fastmeta)";
   m.def("build_info", &build_info, "How this extension was built: torch, compiler, C++ standard, OpenMP, CUDA.");
+  // Test hooks: run the row kernels on each instruction set this CPU supports, and force the
+  // streaming-store path on small tensors.
+  m.def("_set_cpu_isa", [](const std::string& name) { return fastmeta::cpu::vec::set_isa(name.c_str()); },
+        "Force the row kernels' ISA ('default', 'avx2'; '' = automatic). False if unsupported here.");
+  m.def("_cpu_isa", [] { return std::string(fastmeta::cpu::vec::active_isa()); });
+  m.def("_set_stream_threshold_bytes", &fastmeta::cpu::vec::set_stream_threshold_bytes,
+        "Outputs of at least this many bytes use non-temporal stores (< 0 = default). Returns the old value.");
 }

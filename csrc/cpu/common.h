@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec/row_kernels.h"
+
 namespace fastmeta::cpu {
 
 // Elements per work item when a row is split: 8192 floats = 32 KB, about one L1d, so a block that
@@ -22,29 +24,12 @@ constexpr int64_t kSerialElements = 32768;
 
 inline int64_t num_blocks(int64_t d) { return d == 0 ? 0 : (d + kBlock - 1) / kBlock; }
 
-// Sum of squares of x[i] (times m[i] when m is not null) over [0, n). The inner loop accumulates in
-// the input precision so it vectorizes (omp simd reduction gives one partial sum per lane); each
-// kBlock-element block total is added in double, which keeps the float32 error at the level of a
-// pairwise sum (torch's own reductions are cascade sums of the same order).
+// Sum of squares of x[i] (times m[i] when m is not null) over [0, n): the ISA-dispatched kernel of
+// vec/row_kernels.h (32 float lanes per 8192-element block, block totals in double, which keeps the
+// float32 error at the level of a pairwise sum, like torch's own cascade sums).
 template <typename T>
 inline double sumsq(const T* __restrict x, const T* __restrict m, int64_t n) {
-  double total = 0.0;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    T acc = T(0);
-    if (m != nullptr) {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = b; i < e; ++i) {
-        const T y = x[i] * m[i];
-        acc += y * y;
-      }
-    } else {
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = b; i < e; ++i) acc += x[i] * x[i];
-    }
-    total += static_cast<double>(acc);
-  }
-  return total;
+  return vec::kernels<T>().sumsq(x, m, n);
 }
 
 // Per-row sums of squares of a contiguous [rows, d] matrix (optionally masked), into out[rows].

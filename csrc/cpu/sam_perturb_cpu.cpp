@@ -13,18 +13,6 @@ namespace fastmeta::cpu {
 
 namespace {
 
-template <typename T>
-inline void axpy_row(const T* __restrict th, const T* __restrict g, const T* __restrict m,
-                     T* __restrict o, T scale, int64_t n) {
-  if (m != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) o[i] = th[i] + scale * (g[i] * m[i]);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) o[i] = th[i] + scale * g[i];
-  }
-}
-
 inline double safe_scale(double radius, double sumsq, double eps) {
   // max(norm, eps) with eps > 0 keeps a zero row at zero perturbation (0 * finite), never NaN.
   return radius / std::max(std::sqrt(sumsq), eps);
@@ -61,6 +49,8 @@ at::Tensor sam_perturb_cpu(const at::Tensor& theta_in, const at::Tensor& g_in,
     const T* mp = mask.defined() ? mask.const_data_ptr<T>() : nullptr;
     const T* tp = theta.const_data_ptr<T>();
     T* op = out.mutable_data_ptr<T>();
+    const auto& k = vec::kernels<T>();
+    const bool stream = static_cast<int64_t>(rows * d * sizeof(T)) >= vec::stream_threshold_bytes();
     const bool fused_rows = !global_norm && (num_blocks(d) <= 1 || rows >= 4 * at::get_num_threads());
     if (fused_rows) {
       const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(d, 1));
@@ -69,7 +59,7 @@ at::Tensor sam_perturb_cpu(const at::Tensor& theta_in, const at::Tensor& g_in,
           const T* gr = gp + r * d;
           const T* mr = mp ? mp + r * d : nullptr;
           const T scale = static_cast<T>(safe_scale(rad[r], sumsq(gr, mr, d), eps));
-          axpy_row(tp + r * theta_stride, gr, mr, op + r * d, scale, d);
+          k.axpy(tp + r * theta_stride, gr, mr, op + r * d, scale, d, stream);
         }
       });
       return;
@@ -85,8 +75,8 @@ at::Tensor sam_perturb_cpu(const at::Tensor& theta_in, const at::Tensor& g_in,
       for (int64_t r = 0; r < rows; ++r) scale[r] = static_cast<T>(safe_scale(rad[r], ss[r], eps));
     }
     for_row_blocks(rows, d, [&](int64_t r, int64_t b, int64_t e) {
-      axpy_row(tp + r * theta_stride + b, gp + r * d + b, mp ? mp + r * d + b : nullptr,
-               op + r * d + b, scale[r], e - b);
+      k.axpy(tp + r * theta_stride + b, gp + r * d + b, mp ? mp + r * d + b : nullptr, op + r * d + b,
+             scale[r], e - b, stream);
     });
   });
   return out;

@@ -1,0 +1,93 @@
+// Run-time choice of the row kernels' instruction set, and the streaming-store threshold.
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "row_kernels.h"
+
+namespace fastmeta::cpu::vec {
+
+namespace baseline {
+extern const RowKernels<float> kF32;
+extern const RowKernels<double> kF64;
+}  // namespace baseline
+#if FASTMETA_VEC_AVX2
+namespace avx2 {
+extern const RowKernels<float> kF32;
+extern const RowKernels<double> kF64;
+}  // namespace avx2
+#endif
+
+namespace {
+
+bool cpu_has_avx2() {
+#if FASTMETA_VEC_AVX2 && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// 0 = baseline, 1 = avx2. Read on every kernel call (one relaxed load), so the test hook applies at once.
+std::atomic<int> g_isa{cpu_has_avx2() ? 1 : 0};
+
+int64_t default_stream_threshold() {
+  long llc = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  if (llc <= 0) llc = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  // An output beyond half the last-level cache would evict the inputs it is computed from, and
+  // the consumer would read it back from DRAM anyway: stream it.
+  return llc > 0 ? static_cast<int64_t>(llc) / 2 : (int64_t{8} << 20);
+}
+
+std::atomic<int64_t> g_stream_threshold{default_stream_threshold()};
+
+}  // namespace
+
+const RowKernels<float>& kernels_f32() {
+#if FASTMETA_VEC_AVX2
+  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kF32;
+#endif
+  return baseline::kF32;
+}
+
+const RowKernels<double>& kernels_f64() {
+#if FASTMETA_VEC_AVX2
+  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kF64;
+#endif
+  return baseline::kF64;
+}
+
+const char* active_isa() { return kernels_f32().isa; }
+
+const char* supported_isas() { return cpu_has_avx2() ? "avx2,default" : "default"; }
+
+bool set_isa(const char* name) {
+  if (name == nullptr || std::strcmp(name, "") == 0) {
+    g_isa.store(cpu_has_avx2() ? 1 : 0);
+    return true;
+  }
+  if (std::strcmp(name, "default") == 0) {
+    g_isa.store(0);
+    return true;
+  }
+  if (std::strcmp(name, "avx2") == 0 && cpu_has_avx2()) {
+    g_isa.store(1);
+    return true;
+  }
+  return false;
+}
+
+int64_t stream_threshold_bytes() { return g_stream_threshold.load(std::memory_order_relaxed); }
+
+int64_t set_stream_threshold_bytes(int64_t bytes) {
+  return g_stream_threshold.exchange(bytes < 0 ? default_stream_threshold() : bytes);
+}
+
+}  // namespace fastmeta::cpu::vec

@@ -1,0 +1,126 @@
+// Body of one ISA's row kernels. Included by row_kernels_<isa>.cpp with FASTMETA_VEC_NS set to
+// the ISA's namespace; the compiler flags of that file decide the instruction set.
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "row_kernels.h"
+
+namespace fastmeta::cpu::vec::FASTMETA_VEC_NS {
+
+// Block length for the double-precision block totals: 8192 floats = 32 KB.
+constexpr int64_t kBlock = 8192;
+// Independent accumulators: a single vector accumulator makes the loop wait on the add latency
+// (4 cycles) every iteration; 32 float lanes are 8 SSE / 4 AVX2 registers in flight, enough to
+// run at load bandwidth (measured: 3.3x faster on an L2-resident 112k-float row).
+constexpr int kLanes = 32;
+
+template <typename T>
+inline double sumsq_t(const T* __restrict x, const T* __restrict m, int64_t n) {
+  double total = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T acc[kLanes] = {};
+    int64_t i = b;
+    if (m != nullptr) {
+      for (; i + kLanes <= e; i += kLanes) {
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) {
+          const T y = x[i + j] * m[i + j];
+          acc[j] += y * y;
+        }
+      }
+      for (; i < e; ++i) {
+        const T y = x[i] * m[i];
+        acc[0] += y * y;
+      }
+    } else {
+      for (; i + kLanes <= e; i += kLanes) {
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j] * x[i + j];
+      }
+      for (; i < e; ++i) acc[0] += x[i] * x[i];
+    }
+    double s = 0.0;
+    for (int j = 0; j < kLanes; ++j) s += static_cast<double>(acc[j]);
+    total += s;
+  }
+  return total;
+}
+
+template <typename T>
+inline T axpy_one(const T* th, const T* g, const T* m, T scale, int64_t i) {
+  return m != nullptr ? th[i] + scale * (g[i] * m[i]) : th[i] + scale * g[i];
+}
+
+// Non-temporal stores for the aligned middle of the row; returns where the plain loop goes on.
+// mul then add, never a fused multiply-add: streamed and cached rows must round identically.
+template <typename T>
+inline int64_t axpy_stream(const T* __restrict th, const T* __restrict g, const T* __restrict m,
+                           T* __restrict o, T scale, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  constexpr int64_t W = 32 / sizeof(T);
+  while (i < n && (reinterpret_cast<uintptr_t>(o + i) & 31) != 0) {
+    o[i] = axpy_one(th, g, m, scale, i);
+    ++i;
+  }
+  if constexpr (sizeof(T) == 4) {
+    const __m256 s = _mm256_set1_ps(scale);
+    for (; i + W <= n; i += W) {
+      __m256 gv = _mm256_loadu_ps(g + i);
+      if (m != nullptr) gv = _mm256_mul_ps(gv, _mm256_loadu_ps(m + i));
+      _mm256_stream_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(th + i), _mm256_mul_ps(s, gv)));
+    }
+  } else {
+    const __m256d s = _mm256_set1_pd(scale);
+    for (; i + W <= n; i += W) {
+      __m256d gv = _mm256_loadu_pd(g + i);
+      if (m != nullptr) gv = _mm256_mul_pd(gv, _mm256_loadu_pd(m + i));
+      _mm256_stream_pd(o + i, _mm256_add_pd(_mm256_loadu_pd(th + i), _mm256_mul_pd(s, gv)));
+    }
+  }
+  _mm_sfence();  // streaming stores are weakly ordered: visible before the parallel region joins
+#elif defined(__SSE2__)
+  constexpr int64_t W = 16 / sizeof(T);
+  while (i < n && (reinterpret_cast<uintptr_t>(o + i) & 15) != 0) {
+    o[i] = axpy_one(th, g, m, scale, i);
+    ++i;
+  }
+  if constexpr (sizeof(T) == 4) {
+    const __m128 s = _mm_set1_ps(scale);
+    for (; i + W <= n; i += W) {
+      __m128 gv = _mm_loadu_ps(g + i);
+      if (m != nullptr) gv = _mm_mul_ps(gv, _mm_loadu_ps(m + i));
+      _mm_stream_ps(o + i, _mm_add_ps(_mm_loadu_ps(th + i), _mm_mul_ps(s, gv)));
+    }
+  } else {
+    const __m128d s = _mm_set1_pd(scale);
+    for (; i + W <= n; i += W) {
+      __m128d gv = _mm_loadu_pd(g + i);
+      if (m != nullptr) gv = _mm_mul_pd(gv, _mm_loadu_pd(m + i));
+      _mm_stream_pd(o + i, _mm_add_pd(_mm_loadu_pd(th + i), _mm_mul_pd(s, gv)));
+    }
+  }
+  _mm_sfence();
+#endif
+  return i;
+}
+
+template <typename T>
+inline void axpy_t(const T* __restrict th, const T* __restrict g, const T* __restrict m, T* __restrict o,
+                   T scale, int64_t n, bool stream) {
+  int64_t i = stream ? axpy_stream(th, g, m, o, scale, n) : 0;
+  if (m != nullptr) {
+#pragma omp simd
+    for (int64_t k = i; k < n; ++k) o[k] = th[k] + scale * (g[k] * m[k]);
+  } else {
+#pragma omp simd
+    for (int64_t k = i; k < n; ++k) o[k] = th[k] + scale * g[k];
+  }
+}
+
+}  // namespace fastmeta::cpu::vec::FASTMETA_VEC_NS
