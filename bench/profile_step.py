@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--workload", default="conv4", choices=["sine", "conv4"])
     p.add_argument("--small", action="store_true", help="the CI smoke preset (few tasks)")
     p.add_argument("--algo", default="maml", choices=["maml", "fomaml"])
-    p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop"])
+    p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop", "bmm"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 1 warm-up step)")

@@ -8,7 +8,7 @@ Everything an algorithm needs from the model is one of three calls on task rows:
 * :meth:`Evaluator.over_tasks` -- run a per-task computation over the meta-batch in the
   strategy's chunks and sum its results.
 
-Two strategies sit behind those calls (DESIGN.md has the measurements that make both necessary):
+Three strategies sit behind those calls (DESIGN.md has the measurements that make both necessary):
 
 ``"vmap"``
     ``torch.func.vmap`` over ``functional_call``: one batched call for all T tasks. Wins where
@@ -16,6 +16,14 @@ Two strategies sit behind those calls (DESIGN.md has the measurements that make 
 ``"loop"``
     a per-task Python loop, one task per chunk. Wins for conv nets on this CPU, where a task's
     activations stay in cache and weights are not grouped (Conv-4: 1.3-1.4 s vs 2.2 s for vmap).
+
+``"bmm"``
+    for models made of ``nn.Linear`` layers and elementwise activations only (checked by tracing
+    the forward with ``torch.fx``): each ``Linear`` runs as one ``baddbmm`` over all tasks with the
+    per-task weights ``[T, out, in]`` viewed straight from the task rows, no ``vmap`` and no
+    ``functional_call``. Same math as the other two (exact); on the sine MLP it removes most of
+    vmap's per-op overhead (the hand-written ``baddbmm`` compute floor of ``bench/``). ``auto``
+    measures it only where the model qualifies.
 
 **The batch-norm trap.** In torch 2.13/2.14 the second-order gradient through ``F.batch_norm``
 under ``vmap`` is silently wrong by ~0.5% (pytorch/functorch#534). Under ``vmap`` fastmeta
@@ -36,9 +44,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from typing import Callable, Optional, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
@@ -47,7 +57,94 @@ from torch.overrides import TorchFunctionMode
 from .params import ParamLayout
 from .tasks import TaskBatch
 
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "vmap", "loop", "bmm")
+
+# What the "bmm" strategy may meet in a traced forward besides nn.Linear: functions and modules that
+# act elementwise (or on the last dim alone), so they apply unchanged to [T, N, F] activations.
+_BMM_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.ELU, nn.SiLU, nn.Identity,
+                nn.Hardtanh, nn.Softsign, nn.Mish)
+_BMM_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.softplus,
+                  F.gelu, F.elu, F.silu, F.mish, operator.add, operator.sub, operator.mul, operator.neg,
+                  torch.add, torch.sub, torch.mul}
+
+
+class BmmPlan:
+    """A model's forward rewritten as batched matmuls over tasks (the ``"bmm"`` strategy).
+
+    ``BmmPlan.reason(model)`` says why a model does not qualify (``None`` if it does): its forward
+    is traced with ``torch.fx.symbolic_trace`` and every node must be an ``nn.Linear``, an
+    elementwise activation module or function, or ``+``/``-``/``*`` between activations. No
+    parameter or buffer may be read outside a ``Linear`` (``get_attr``), so batch norm, dropout,
+    convolutions and custom layers fall back to ``vmap``/``loop``.
+
+    :meth:`run` evaluates the traced graph with per-task parameters ``{name: [T, ...]}`` on
+    inputs ``[T, N, in]``: ``Linear`` -> ``baddbmm(b[:, None], h, W^T)``, everything else as is.
+    """
+
+    def __init__(self, model: nn.Module):
+        why = self.reason(model)
+        if why is not None:
+            raise ValueError(f"strategy: 'bmm' needs a model of nn.Linear layers and elementwise activations: {why}")
+        self._nodes = list(self._trace(model).graph.nodes)
+        self._modules = dict(model.named_modules())
+
+    @staticmethod
+    def _trace(model: nn.Module):
+        import torch.fx
+
+        return torch.fx.symbolic_trace(model)
+
+    @classmethod
+    def reason(cls, model: nn.Module) -> Optional[str]:
+        try:
+            gm = cls._trace(model)
+        except Exception as e:  # noqa: BLE001 - untraceable forward: not a bmm model
+            return f"torch.fx cannot trace its forward ({type(e).__name__}: {e})"
+        modules = dict(model.named_modules())
+        placeholders = 0
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                placeholders += 1
+            elif node.op == "call_module":
+                m = modules[node.target]
+                if not isinstance(m, (nn.Linear,) + _BMM_MODULES):
+                    return f"module {node.target!r} is a {type(m).__name__}"
+            elif node.op == "call_function":
+                if node.target not in _BMM_FUNCTIONS:
+                    return f"function {getattr(node.target, '__name__', node.target)!r} is not elementwise-known"
+            elif node.op == "get_attr":
+                return f"the forward reads {node.target!r} directly"
+            elif node.op == "call_method":
+                return f"the forward calls tensor method {node.target!r}"
+        if placeholders != 1:
+            return f"the forward takes {placeholders} inputs (expected 1)"
+        if not any(isinstance(m, nn.Linear) for m in modules.values()):
+            return "it has no nn.Linear layer"
+        return None
+
+    def run(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[T, N, out]`` for per-task parameters ``{name: [T, ...]}`` and ``x`` ``[T, N, in]``."""
+        if x.dim() != 3:
+            raise ValueError(f"x: the 'bmm' strategy needs per-task inputs [T, N, features], got shape {tuple(x.shape)}")
+        env: dict = {}
+        load = functools.partial(torch.fx.node.map_arg, fn=lambda n: env[n])
+        for node in self._nodes:
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "call_module":
+                (h,) = load(node.args)
+                m = self._modules[node.target]
+                if isinstance(m, nn.Linear):
+                    w = params[f"{node.target}.weight"].transpose(1, 2)  # [T, in, out]
+                    b = params.get(f"{node.target}.bias")
+                    env[node] = torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
+                else:
+                    env[node] = m(h)
+            elif node.op == "call_function":
+                env[node] = node.target(*load(node.args), **load(node.kwargs))
+            elif node.op == "output":
+                return load(node.args)[0]
+        raise RuntimeError("BmmPlan: traced graph has no output")  # unreachable for fx graphs
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -361,13 +458,14 @@ def _with_speed_modes(forward):
 
 
 class Evaluator:
-    """Evaluates ``model`` at task rows with one strategy (``"vmap"`` or ``"loop"``).
+    """Evaluates ``model`` at task rows with one strategy (``"vmap"``, ``"loop"`` or ``"bmm"``).
 
     Args:
         model: the ``nn.Module``; its parameters are never modified here.
         layout: the :class:`ParamLayout` (adapted rows ``[T, D]``, shared ``[P - D]``).
         loss_fn: a functional loss accepting ``reduction=`` (``F.cross_entropy``, ``F.mse_loss``).
-        strategy: ``"vmap"`` or ``"loop"``.
+        strategy: ``"vmap"``, ``"loop"`` or ``"bmm"`` (``ValueError`` naming ``strategy`` for a model
+            that is not Linear layers and elementwise activations).
         channels_last: opt-in CPU speed mode: convolutions in NHWC memory format (exact; loop
             strategy only). See :class:`ChannelsLast`.
         bf16: opt-in CPU speed mode: bf16 autocast with float32 master weights and float32
@@ -382,8 +480,9 @@ class Evaluator:
     def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn, strategy: str, *,
                  channels_last: bool = False, bf16: bool = False,
                  feature_cache: Union[bool, FeatureSplit] = False):
-        if strategy not in ("vmap", "loop"):
-            raise ValueError(f"strategy: expected 'vmap' or 'loop', got {strategy!r}")
+        if strategy not in ("vmap", "loop", "bmm"):
+            raise ValueError(f"strategy: expected 'vmap', 'loop' or 'bmm', got {strategy!r}")
+        self._bmm = BmmPlan(model) if strategy == "bmm" else None
         if not isinstance(channels_last, bool):
             raise ValueError(f"channels_last: expected a bool, got {channels_last!r}")
         if not isinstance(bf16, bool):
@@ -435,6 +534,12 @@ class Evaluator:
         if self.strategy == "loop":
             return torch.stack([functional_call(model, layout.named(rows[t], shared[t] if per_task_shared else shared),
                                                 (x[t],)) for t in range(T)])
+        if self.strategy == "bmm":
+            named = layout.named(rows, shared)
+            if shared is not None and not per_task_shared:
+                for n in layout.shared:
+                    named[n] = named[n].expand(T, *named[n].shape)
+            return self._bmm.run(named, x)
 
         if per_task_shared:
             def one_shared(row, sh, xt):
@@ -531,8 +636,8 @@ class Evaluator:
 
     # ------------------------------------------------------------------ task chunks
     def chunks(self, batch: TaskBatch) -> list[TaskBatch]:
-        """The sub-batches one pass runs on: all tasks at once (vmap) or one task each (loop)."""
-        if self.strategy == "vmap":
+        """The sub-batches one pass runs on: all tasks at once (vmap, bmm) or one task each (loop)."""
+        if self.strategy != "loop":
             return [batch]
         return [batch.select(t) for t in range(batch.num_tasks)]
 

@@ -20,7 +20,7 @@ def _add_train(sub) -> None:
     p.add_argument("--test-alphabets", nargs="+", help="alphabets held out for meta-testing (default: a seeded quarter)")
     add_algorithm_args(p)
     p.add_argument("--adapt", default="all", choices=["all", "head"], help="'head' = ANIL")
-    p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop"])
+    p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop", "bmm"])
     for name, typ in (("ways", int), ("shots", int), ("queries", int), ("meta-batch", int), ("inner-lr", float),
                       ("meta-lr", float), ("steps", int), ("val-every", int), ("val-tasks", int), ("test-tasks", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="task-dependent default")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .algorithms.base import Algorithm, MetaResult
-from .batched import STRATEGIES, Evaluator, FeatureSplit, resolve_loss
+from .batched import STRATEGIES, BmmPlan, Evaluator, FeatureSplit, resolve_loss
 from .params import Adapt, ParamLayout
 from .tasks import TaskBatch
 
@@ -63,8 +63,9 @@ class MetaLearner:
         loss_fn: ``"cross_entropy"`` (default; accuracy is reported), ``"mse"``, or a functional
             loss accepting ``reduction=`` such as ``F.cross_entropy``.
         adapt: which parameters the inner loop adapts: ``"all"``, ``"head"`` (ANIL) or names.
-        strategy: ``"auto"`` (time ``vmap`` and ``loop`` on the first batch, keep the faster),
-            ``"vmap"`` or ``"loop"``. See :mod:`fastmeta.batched`.
+        strategy: ``"auto"`` (time ``loop``, ``vmap`` and, for Linear/activation models, ``bmm``
+            on the first batch, keep the fastest), ``"vmap"``, ``"loop"`` or ``"bmm"``. See
+            :mod:`fastmeta.batched`.
         channels_last: opt-in CPU speed mode for conv nets: convolutions run in NHWC memory
             format (exact gradients; applies under the loop strategy).
         bf16: opt-in CPU speed mode: the model runs under bf16 autocast while the parameters,
@@ -177,7 +178,8 @@ class MetaLearner:
         sub = batch.select(slice(0, min(4, batch.num_tasks)))
         theta = self.layout.flatten(self.model)
         errors, evs = {}, {}
-        for name in ("loop", "vmap"):
+        candidates = ("loop", "vmap") + (("bmm",) if BmmPlan.reason(self.model) is None else ())
+        for name in candidates:
             ev = Evaluator(self.model, self.layout, self.loss_fn, name, **self.speed_modes)
             try:
                 self.algorithm.meta_grad(ev, self.layout, theta, sub)
@@ -196,7 +198,7 @@ class MetaLearner:
             rounds += 1
         self.strategy_timings.update(best)
         if not self.strategy_timings:
-            raise RuntimeError(f"strategy: neither 'loop' nor 'vmap' could evaluate this model: {errors}")
+            raise RuntimeError(f"strategy: none of {candidates} could evaluate this model: {errors}")
         chosen = min(self.strategy_timings, key=self.strategy_timings.get)
         times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.strategy_timings.items())
         self.strategy_reason = f"auto: measured on {sub.num_tasks} tasks, best of {rounds} ({times})" + (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+from torch._C._autograd import _profiler_enabled
 from torch.autograd.profiler import record_function
 
 try:  # optional: a missing nvtx package only loses the Nsight ranges
@@ -22,7 +23,9 @@ DOMAIN = "fastmeta"
 def annotate(name: str):
     """Mark a region as ``fastmeta/<name>`` for Nsight (NVTX) and ``torch.profiler``."""
     label = f"{DOMAIN}/{name}"
-    with record_function(label):
+    # record_function costs ~6 us per range even with no profiler running (12% of a 0.9 ms sine
+    # MAML step with four ranges): enter it only while torch.profiler is recording.
+    with record_function(label) if _profiler_enabled() else contextlib.nullcontext():
         if _nvtx is None:
             yield
         else:

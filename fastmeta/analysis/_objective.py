@@ -79,8 +79,8 @@ def as_target(obj, loss_fn=None, inner_lr: Optional[float] = None, inner_steps: 
         raise ValueError(f"inner_lr: expected a positive float, got {lr!r}")
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"inner_steps: expected an int >= 1, got {k!r}")
-    if strat not in ("auto", "vmap", "loop"):
-        raise ValueError(f"strategy: expected 'auto', 'vmap' or 'loop', got {strat!r}")
+    if strat not in ("auto", "vmap", "loop", "bmm"):
+        raise ValueError(f"strategy: expected 'auto', 'vmap', 'loop' or 'bmm', got {strat!r}")
     full = layout if not layout.shared else ParamLayout(model, adapt=layout.adapted + layout.shared)
     mask = None
     if layout.shared:
