@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import fastmeta  # noqa: E402
-from common import smoke, summary, time_interleaved, workload  # noqa: E402
+from common import smoke, step_peak_rss, summary, time_interleaved, workload  # noqa: E402
 from fastmeta.ops import _backend  # noqa: E402
 
 # name -> (factory(inner_lr, steps), adapt, inner steps, baseline config, target ratio, paper ratio)
@@ -85,11 +84,8 @@ def peak_rss(name: str, small: bool = False, timeout: float = 1800):
 
 def _rss_child(name: str, small: bool) -> None:
     run = make_step(name, small)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    for _ in range(2):
-        run()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(peak_rss_mib=after, step_growth_mib=after - before)))
+    run()  # one-time setup is not the step's working memory
+    print(json.dumps(step_peak_rss(run)))
 
 
 def table(times: dict[str, float], mem: dict | None = None) -> str:
@@ -98,13 +94,16 @@ def table(times: dict[str, float], mem: dict | None = None) -> str:
         _, _, _, base, target, paper = CONFIGS[n]
         ratio = t / times[base] if base in times else float("nan")
         ok = "" if target is None else (f"<= {target:.2f} " + ("ok" if ratio <= target else "MISSED"))
-        m = "" if not mem or not mem.get(n) else f"{mem[n]['peak_rss_mib']:.0f} / {mem[n]['step_growth_mib']:.0f}"
+        mm = (mem or {}).get(n)
+        m = "" if not mm else f"{mm['peak_rss_mib']:.0f} / " + (
+            "?" if mm.get("step_growth_mib") is None else f"{mm['step_growth_mib']:.0f}")
         pap = "" if paper is None else f"x{paper:.2f}"
         lines.append(f"{n:<22} {t:8.3f} {ratio:7.2f}  {base:<13} {ok:<13} {pap:<16} {m}")
     return "\n".join(lines)
 
 
-def fd_error(tasks: int = 4, small: bool = False, deltas=(None, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)) -> list[dict]:
+def fd_error(tasks: int = 4, small: bool = False,
+             deltas=(None, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)) -> list[dict]:
     """HF-MAML's and FO-MAML's meta-gradient error against exact second-order MAML on Conv-4.
 
     The reference is MAML computed in float64 (model and data cast); HF-MAML runs on the float32
