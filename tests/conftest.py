@@ -3,12 +3,20 @@ import os
 # Triton reads this when its kernels are defined, i.e. at import: set it before anything imports
 # triton (the README/CI command also sets it in the environment).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`-n 2`, the README command) each worker is one process on a 2-core machine:
+# two workers x two OpenMP threads oversubscribe the cores (measured 10x slower steps), so a worker
+# uses one thread. Must happen before torch is imported to reach OpenMP.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case torch was imported before this file (see above)
 
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 
