@@ -24,6 +24,9 @@ namespace {
 
 bool cpu_has_avx2() {
 #if FASTMETA_VEC_AVX2 && (defined(__x86_64__) || defined(__i386__))
+  // Called from a static initializer (g_isa below), which may run before libgcc's own CPU
+  // detection constructor: GCC requires the explicit init in that case.
+  __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
