@@ -163,7 +163,7 @@ def main() -> None:
     f = sub.add_parser("fd-error", help="HF-MAML / FO-MAML meta-gradient error vs exact MAML on Conv-4")
     f.add_argument("--tasks", type=int, default=4)
     f.add_argument("--small", action="store_true")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--small", action="store_true", help="CI preset (2 tasks, 2 queries)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
