@@ -85,7 +85,9 @@ class BmmPlan:
         why = self.reason(model)
         if why is not None:
             raise ValueError(f"strategy: 'bmm' needs a model of nn.Linear layers and elementwise activations: {why}")
-        self._nodes = list(self._trace(model).graph.nodes)
+        # A bare nn.Linear is traced into F.linear on its own attributes: run it as one layer.
+        self._root_linear = isinstance(model, nn.Linear)
+        self._nodes = [] if self._root_linear else list(self._trace(model).graph.nodes)
         self._modules = dict(model.named_modules())
 
     @staticmethod
@@ -96,6 +98,8 @@ class BmmPlan:
 
     @classmethod
     def reason(cls, model: nn.Module) -> Optional[str]:
+        if isinstance(model, nn.Linear):
+            return None
         try:
             gm = cls._trace(model)
         except Exception as e:  # noqa: BLE001 - untraceable forward: not a bmm model
@@ -126,6 +130,8 @@ class BmmPlan:
         """Outputs ``[T, N, out]`` for per-task parameters ``{name: [T, ...]}`` and ``x`` ``[T, N, in]``."""
         if x.dim() != 3:
             raise ValueError(f"x: the 'bmm' strategy needs per-task inputs [T, N, features], got shape {tuple(x.shape)}")
+        if self._root_linear:
+            return self._linear(params, "", x)
         env: dict = {}
         load = functools.partial(torch.fx.node.map_arg, fn=lambda n: env[n])
         for node in self._nodes:
@@ -135,9 +141,7 @@ class BmmPlan:
                 (h,) = load(node.args)
                 m = self._modules[node.target]
                 if isinstance(m, nn.Linear):
-                    w = params[f"{node.target}.weight"].transpose(1, 2)  # [T, in, out]
-                    b = params.get(f"{node.target}.bias")
-                    env[node] = torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
+                    env[node] = self._linear(params, f"{node.target}.", h)
                 else:
                     env[node] = m(h)
             elif node.op == "call_function":
@@ -145,6 +149,12 @@ class BmmPlan:
             elif node.op == "output":
                 return load(node.args)[0]
         raise RuntimeError("BmmPlan: traced graph has no output")  # unreachable for fx graphs
+
+    @staticmethod
+    def _linear(params: dict[str, torch.Tensor], prefix: str, h: torch.Tensor) -> torch.Tensor:
+        w = params[f"{prefix}weight"].transpose(1, 2)  # [T, in, out]
+        b = params.get(f"{prefix}bias")
+        return torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
 
 LossFn = Callable[..., torch.Tensor]
 

@@ -101,7 +101,7 @@ def plain_quadratic(batch, th):
 
 
 # ---------------------------------------------------------------- 1-D landscapes, analytic
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "bmm"])
 def test_1d_plain_landscape_is_the_analytic_quadratic(strategy):
     model, batch = lsq_case()
     th = np_theta(model)
@@ -117,7 +117,7 @@ def test_1d_plain_landscape_is_the_analytic_quadratic(strategy):
     assert ls.strategy == strategy
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "bmm"])
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_1d_post_adaptation_landscape_matches_numpy_inner_loop(strategy, inner_steps):
     model, batch = lsq_case()
@@ -160,7 +160,7 @@ def test_sharpness_matches_trust_region_maximum(post_adaptation):
     assert s1.value < want * (1 - 1e-4)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "bmm"])
 def test_per_task_sharpness_matches_per_task_oracles(strategy):
     model, batch = lsq_case()
     th, lr, alpha = np_theta(model), 0.05, 0.4

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..batched import Evaluator, inner_loop, resolve_loss
+from ..batched import BmmPlan, Evaluator, inner_loop, resolve_loss
 from ..learner import MetaLearner
 from ..params import ParamLayout
 from ..tasks import TaskBatch
@@ -132,8 +132,9 @@ def row_objective(tg: Target, ev: Evaluator, rows: torch.Tensor, sx, sy, qx, qy,
 
 
 def timed_choice(tg: Target, run: Callable[[Evaluator], object]):
-    """``(evaluator, result)``: under ``strategy="auto"`` run ``run`` with both strategies and keep the
-    faster (its result is reused, so the measurement costs one extra evaluation); else just run."""
+    """``(evaluator, result)``: under ``strategy="auto"`` run ``run`` with each strategy (``bmm`` only for
+    models that qualify) and keep the fastest (its result is reused, so the measurement costs the
+    extra evaluations only); else just run."""
     if tg.strategy != "auto":
         ev = evaluator(tg, tg.strategy)
         try:
@@ -142,7 +143,7 @@ def timed_choice(tg: Target, run: Callable[[Evaluator], object]):
             raise ValueError(f"batch: the model cannot evaluate this batch: {e}") from e
     best = None
     errors = {}
-    for name in ("loop", "vmap"):
+    for name in ("loop", "vmap") + (("bmm",) if BmmPlan.reason(tg.model) is None else ()):
         ev = evaluator(tg, name)
         t0 = time.perf_counter()
         try:
@@ -154,7 +155,7 @@ def timed_choice(tg: Target, run: Callable[[Evaluator], object]):
         if best is None or dt < best[0]:
             best = (dt, ev, out)
     if best is None:
-        raise ValueError(f"batch: the model cannot evaluate this batch with either strategy: {errors}")
+        raise ValueError(f"batch: the model cannot evaluate this batch with any strategy: {errors}")
     return best[1], best[2]
 
 

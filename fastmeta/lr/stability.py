@@ -258,7 +258,7 @@ def stability_bounds(model: nn.Module, batch: TaskBatch, loss_fn="mse", k: int =
         batch: a :class:`TaskBatch` of T tasks.
         loss_fn: ``"mse"``, ``"cross_entropy"`` or a functional loss accepting ``reduction=``.
         k: eigenvalues per task. max_iter, tol, seed: Lanczos controls.
-        strategy: ``"vmap"`` or ``"loop"`` (see :mod:`fastmeta.batched`).
+        strategy: ``"vmap"``, ``"loop"`` or ``"bmm"`` (see :mod:`fastmeta.batched`).
 
     Returns:
         :class:`StabilityBounds` with ``alpha_c``, callable ``beta_c(alpha)``, ``eigenvalues [T, k]``
