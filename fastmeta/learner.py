@@ -227,6 +227,11 @@ class MetaLearner:
         ev = _distributed.wrap_evaluator(self, self.evaluator(batch))
         theta = self.layout.flatten(self.model)
         res = self.algorithm.meta_grad(ev, self.layout, theta, batch)
+        # One reduction and one host sync on the happy path: any NaN/inf in either tensor makes the
+        # float64 sum non-finite (float64 cannot overflow on sums of float32 values); the
+        # diagnosis below runs only then.
+        if math.isfinite(float(res.grad.sum(dtype=torch.float64) + res.query_loss.sum(dtype=torch.float64))):
+            return res
         bad = ~torch.isfinite(res.query_loss)
         if bad.any():
             raise FloatingPointError(

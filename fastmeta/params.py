@@ -108,8 +108,9 @@ class ParamLayout:
         return torch.cat([named[s.name].detach().reshape(-1) for s in self.slots])
 
     def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[P] -> ([D] adapted, [P-D] shared)`` (views)."""
-        return theta[: self.D], theta[self.D:]
+        """``[P] -> ([D] adapted, [P-D] shared)`` (views; one split node, see :meth:`named`)."""
+        adapted, shared = theta.split([self.D, self.P - self.D])
+        return adapted, shared
 
     def named(self, row: torch.Tensor, shared: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Named views for ``functional_call``: adapted from ``row`` (``[D]``), shared from ``shared``.
