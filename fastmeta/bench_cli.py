@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 FAST = dict(cases=[("sine", False, 10), ("conv4-mb4", False, 2)], rss=False, accuracy=False)
-FULL = dict(cases=[("sine", False, 30), ("conv4", False, 3), ("conv4", True, 3)], rss=True, accuracy=True)
+FULL = dict(cases=[("sine", False, 30), ("conv4", False, 8), ("conv4", True, 8)], rss=True, accuracy=True)
 
 
 def register(subparsers) -> None:
