@@ -82,22 +82,20 @@ class BmmPlan:
     """
 
     def __init__(self, model: nn.Module):
-        why = self.reason(model)
-        if why is not None:
-            raise ValueError(f"strategy: 'bmm' needs a model of nn.Linear layers and elementwise activations: {why}")
         # A bare nn.Linear is traced into F.linear on its own attributes: run it as one layer.
         self._root_linear = isinstance(model, nn.Linear)
+        graph, why = (None, None) if self._root_linear else self._checked_graph(model)
+        if why is not None:
+            raise ValueError(f"strategy: 'bmm' needs a model of nn.Linear layers and elementwise activations: {why}")
         # The graph as (kind, node, a, b) steps, resolved once: a forward then costs a few dict
         # operations per layer (it runs twice per MAML step, where ~1 ms is the whole step).
         modules = dict(model.named_modules())
         self._steps = []
-        for node in [] if self._root_linear else self._trace(model).graph.nodes:
-            if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        for node in graph.nodes if graph is not None else []:
+            if node.op == "call_module":
                 m = modules[node.target]
                 self._steps.append(("linear", node, f"{node.target}.", node.args[0]) if isinstance(m, nn.Linear)
                                    else ("module", node, m, node.args[0]))
-            elif node.op == "call_module":
-                raise ValueError(f"strategy: 'bmm' needs modules called on one input; {node.target!r} is not")
             elif node.op == "placeholder":
                 self._steps.append(("input", node, None, None))
             elif node.op == "call_function":
@@ -105,41 +103,41 @@ class BmmPlan:
             elif node.op == "output":
                 self._steps.append(("output", node, None, None))
 
-    @staticmethod
-    def _trace(model: nn.Module):
-        import torch.fx
-
-        return torch.fx.symbolic_trace(model)
-
     @classmethod
     def reason(cls, model: nn.Module) -> Optional[str]:
-        if isinstance(model, nn.Linear):
-            return None
+        return None if isinstance(model, nn.Linear) else cls._checked_graph(model)[1]
+
+    @staticmethod
+    def _checked_graph(model: nn.Module) -> tuple[Optional[torch.fx.Graph], Optional[str]]:
+        """``(traced graph, None)`` if the model qualifies, else ``(None, why not)``: one trace
+        serves both the check and the plan."""
         try:
-            gm = cls._trace(model)
+            graph = torch.fx.symbolic_trace(model).graph
         except Exception as e:  # noqa: BLE001 - untraceable forward: not a bmm model
-            return f"torch.fx cannot trace its forward ({type(e).__name__}: {e})"
+            return None, f"torch.fx cannot trace its forward ({type(e).__name__}: {e})"
         modules = dict(model.named_modules())
         placeholders = 0
-        for node in gm.graph.nodes:
+        for node in graph.nodes:
             if node.op == "placeholder":
                 placeholders += 1
             elif node.op == "call_module":
                 m = modules[node.target]
                 if not isinstance(m, (nn.Linear,) + _BMM_MODULES):
-                    return f"module {node.target!r} is a {type(m).__name__}"
+                    return None, f"module {node.target!r} is a {type(m).__name__}"
+                if len(node.args) != 1 or node.kwargs:
+                    return None, f"module {node.target!r} is not called on exactly one input"
             elif node.op == "call_function":
                 if node.target not in _BMM_FUNCTIONS:
-                    return f"function {getattr(node.target, '__name__', node.target)!r} is not elementwise-known"
+                    return None, f"function {getattr(node.target, '__name__', node.target)!r} is not elementwise-known"
             elif node.op == "get_attr":
-                return f"the forward reads {node.target!r} directly"
+                return None, f"the forward reads {node.target!r} directly"
             elif node.op == "call_method":
-                return f"the forward calls tensor method {node.target!r}"
+                return None, f"the forward calls tensor method {node.target!r}"
         if placeholders != 1:
-            return f"the forward takes {placeholders} inputs (expected 1)"
+            return None, f"the forward takes {placeholders} inputs (expected 1)"
         if not any(isinstance(m, nn.Linear) for m in modules.values()):
-            return "it has no nn.Linear layer"
-        return None
+            return None, "it has no nn.Linear layer"
+        return graph, None
 
     def run(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs ``[T, N, out]`` for per-task parameters ``{name: [T, ...]}`` and ``x`` ``[T, N, in]``."""
@@ -167,6 +165,13 @@ class BmmPlan:
         w = params[f"{prefix}weight"].transpose(1, 2)  # [T, in, out]
         b = params.get(f"{prefix}bias")
         return torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
+
+
+def candidate_strategies(model: nn.Module) -> tuple[str, ...]:
+    """The strategies ``"auto"`` measures for ``model``: ``loop`` and ``vmap``, plus ``bmm`` where the
+    model qualifies (:meth:`BmmPlan.reason`)."""
+    return ("loop", "vmap") + (("bmm",) if BmmPlan.reason(model) is None else ())
+
 
 LossFn = Callable[..., torch.Tensor]
 

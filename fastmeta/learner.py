@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .algorithms.base import Algorithm, MetaResult
-from .batched import STRATEGIES, BmmPlan, Evaluator, FeatureSplit, resolve_loss
+from .batched import STRATEGIES, Evaluator, FeatureSplit, candidate_strategies, resolve_loss
 from .params import Adapt, ParamLayout
 from .tasks import TaskBatch
 
@@ -178,7 +178,7 @@ class MetaLearner:
         sub = batch.select(slice(0, min(4, batch.num_tasks)))
         theta = self.layout.flatten(self.model)
         errors, evs = {}, {}
-        candidates = ("loop", "vmap") + (("bmm",) if BmmPlan.reason(self.model) is None else ())
+        candidates = candidate_strategies(self.model)
         for name in candidates:
             ev = Evaluator(self.model, self.layout, self.loss_fn, name, **self.speed_modes)
             try:

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..batched import BmmPlan, Evaluator, inner_loop, resolve_loss
+from ..batched import Evaluator, candidate_strategies, inner_loop, resolve_loss
 from ..learner import MetaLearner
 from ..params import ParamLayout
 from ..tasks import TaskBatch
@@ -143,7 +143,7 @@ def timed_choice(tg: Target, run: Callable[[Evaluator], object]):
             raise ValueError(f"batch: the model cannot evaluate this batch: {e}") from e
     best = None
     errors = {}
-    for name in ("loop", "vmap") + (("bmm",) if BmmPlan.reason(tg.model) is None else ()):
+    for name in candidate_strategies(tg.model):
         ev = evaluator(tg, name)
         t0 = time.perf_counter()
         try:
