@@ -83,9 +83,7 @@ def peak_rss(name: str, small: bool = False, timeout: float = 1800):
 
 
 def _rss_child(name: str, small: bool) -> None:
-    run = make_step(name, small)
-    run()  # one-time setup is not the step's working memory
-    print(json.dumps(step_peak_rss(run)))
+    print(json.dumps(step_peak_rss(make_step(name, small))))
 
 
 def table(times: dict[str, float], mem: dict | None = None) -> str:

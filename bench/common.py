@@ -517,6 +517,9 @@ def _status_mib(key: str) -> Optional[float]:
 def step_peak_rss(run: Callable, steps: int = 2) -> dict:
     """Peak RSS (MiB) while ``run`` is called ``steps`` times, and its growth over the RSS before.
 
+    ``run`` is called once first, unmeasured: one-time setup (strategy choice, lazy inits) is not
+    the step's working memory.
+
     The process's lifetime high-water mark is useless here: decoding the Omniglot zips peaks above
     any meta-training step, so every configuration would report the loader's peak (seen: 1045 MiB
     for all twelve algorithms). Instead the freed heap is returned to the OS (``malloc_trim``) and
@@ -533,6 +536,7 @@ def step_peak_rss(run: Callable, steps: int = 2) -> dict:
     # one-time cost out of the comparison.
     import torch._dynamo  # noqa: F401
 
+    run()
     gc.collect()
     method = "VmHWM after clear_refs"
     try:
@@ -555,7 +559,6 @@ def _rss_main(args) -> None:
     make = implementations(wl)[args.impl]
     model, batch = wl.model(), wl.batch()
     run = make(wl, model, batch, args.first_order)
-    run()  # one-time setup (strategy choice, lazy inits) is not the step's working memory
     print(json.dumps(step_peak_rss(run)))
 
 
