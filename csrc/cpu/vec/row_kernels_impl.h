@@ -56,56 +56,76 @@ inline T axpy_one(const T* th, const T* g, const T* m, T scale, int64_t i) {
   return m != nullptr ? th[i] + scale * (g[i] * m[i]) : th[i] + scale * g[i];
 }
 
+#if defined(__AVX2__) || defined(__SSE2__)
+// The widest vector register this file is compiled for, per element type: the four intrinsics the
+// streaming axpy needs, so one loop serves float and double on every ISA.
+template <typename T>
+struct Reg;
+#if defined(__AVX2__)
+template <>
+struct Reg<float> {
+  using V = __m256;
+  static constexpr int64_t kBytes = 32;
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+};
+template <>
+struct Reg<double> {
+  using V = __m256d;
+  static constexpr int64_t kBytes = 32;
+  static V set1(double x) { return _mm256_set1_pd(x); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static void stream(double* p, V v) { _mm256_stream_pd(p, v); }
+};
+#else
+template <>
+struct Reg<float> {
+  using V = __m128;
+  static constexpr int64_t kBytes = 16;
+  static V set1(float x) { return _mm_set1_ps(x); }
+  static V load(const float* p) { return _mm_loadu_ps(p); }
+  static V mul(V a, V b) { return _mm_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm_add_ps(a, b); }
+  static void stream(float* p, V v) { _mm_stream_ps(p, v); }
+};
+template <>
+struct Reg<double> {
+  using V = __m128d;
+  static constexpr int64_t kBytes = 16;
+  static V set1(double x) { return _mm_set1_pd(x); }
+  static V load(const double* p) { return _mm_loadu_pd(p); }
+  static V mul(V a, V b) { return _mm_mul_pd(a, b); }
+  static V add(V a, V b) { return _mm_add_pd(a, b); }
+  static void stream(double* p, V v) { _mm_stream_pd(p, v); }
+};
+#endif
+#endif
+
 // Non-temporal stores for the aligned middle of the row; returns where the plain loop goes on.
 // mul then add, never a fused multiply-add: streamed and cached rows must round identically.
 template <typename T>
 inline int64_t axpy_stream(const T* __restrict th, const T* __restrict g, const T* __restrict m,
                            T* __restrict o, T scale, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX2__)
-  constexpr int64_t W = 32 / sizeof(T);
-  while (i < n && (reinterpret_cast<uintptr_t>(o + i) & 31) != 0) {
+#if defined(__AVX2__) || defined(__SSE2__)
+  using R = Reg<T>;
+  constexpr int64_t W = R::kBytes / sizeof(T);
+  while (i < n && (reinterpret_cast<uintptr_t>(o + i) & (R::kBytes - 1)) != 0) {
     o[i] = axpy_one(th, g, m, scale, i);
     ++i;
   }
-  if constexpr (sizeof(T) == 4) {
-    const __m256 s = _mm256_set1_ps(scale);
-    for (; i + W <= n; i += W) {
-      __m256 gv = _mm256_loadu_ps(g + i);
-      if (m != nullptr) gv = _mm256_mul_ps(gv, _mm256_loadu_ps(m + i));
-      _mm256_stream_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(th + i), _mm256_mul_ps(s, gv)));
-    }
-  } else {
-    const __m256d s = _mm256_set1_pd(scale);
-    for (; i + W <= n; i += W) {
-      __m256d gv = _mm256_loadu_pd(g + i);
-      if (m != nullptr) gv = _mm256_mul_pd(gv, _mm256_loadu_pd(m + i));
-      _mm256_stream_pd(o + i, _mm256_add_pd(_mm256_loadu_pd(th + i), _mm256_mul_pd(s, gv)));
-    }
+  const typename R::V s = R::set1(scale);
+  for (; i + W <= n; i += W) {
+    typename R::V gv = R::load(g + i);
+    if (m != nullptr) gv = R::mul(gv, R::load(m + i));
+    R::stream(o + i, R::add(R::load(th + i), R::mul(s, gv)));
   }
   _mm_sfence();  // streaming stores are weakly ordered: visible before the parallel region joins
-#elif defined(__SSE2__)
-  constexpr int64_t W = 16 / sizeof(T);
-  while (i < n && (reinterpret_cast<uintptr_t>(o + i) & 15) != 0) {
-    o[i] = axpy_one(th, g, m, scale, i);
-    ++i;
-  }
-  if constexpr (sizeof(T) == 4) {
-    const __m128 s = _mm_set1_ps(scale);
-    for (; i + W <= n; i += W) {
-      __m128 gv = _mm_loadu_ps(g + i);
-      if (m != nullptr) gv = _mm_mul_ps(gv, _mm_loadu_ps(m + i));
-      _mm_stream_ps(o + i, _mm_add_ps(_mm_loadu_ps(th + i), _mm_mul_ps(s, gv)));
-    }
-  } else {
-    const __m128d s = _mm_set1_pd(scale);
-    for (; i + W <= n; i += W) {
-      __m128d gv = _mm_loadu_pd(g + i);
-      if (m != nullptr) gv = _mm_mul_pd(gv, _mm_loadu_pd(m + i));
-      _mm_stream_pd(o + i, _mm_add_pd(_mm_loadu_pd(th + i), _mm_mul_pd(s, gv)));
-    }
-  }
-  _mm_sfence();
 #endif
   return i;
 }
