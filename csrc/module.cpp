@@ -38,6 +38,7 @@ static py::dict build_info() {
   info["cuda_config"] = FASTMETA_CUDA_CONFIG;
   info["cpu_isa"] = fastmeta::cpu::vec::active_isa();
   info["cpu_isas_supported"] = fastmeta::cpu::vec::supported_isas();
+  info["stream_threshold_bytes"] = fastmeta::cpu::vec::stream_threshold_bytes();
   info["ops"] = py::make_tuple("row_norm", "sam_perturb", "fd_hvp_points", "fd_hvp_combine", "swp_mask",
                                "sds_select");
   return info;

@@ -48,9 +48,9 @@ def report() -> str:
     lines.append(f"native extension fastmeta._C: {'loaded' if info['extension_loaded'] else 'NOT available'}"
                  f" ({info['extension_reason']})")
     for key in ("torch_version", "compiler", "cxx_standard", "cxx11_abi", "openmp", "cuda_config", "cpu_isa",
-                "cpu_isas_supported"):
+                "cpu_isas_supported", "stream_threshold_bytes"):
         if key in info:
-            lines.append(f"  {key:<18} {info[key]}")
+            lines.append(f"  {key:<22} {info[key]}")
     lines.append(f"CUDA kernels library: {'loaded' if info['cuda_library_loaded'] else 'not loaded'}"
                  f" ({info['cuda_library_reason']})")
     status = info["build_status"]

@@ -52,7 +52,9 @@ _Pragma("omp simd")
       return;
     }
     // Long column chunks (2 per thread, 4096..65536 elements): each row's three slices stream
-    // sequentially long enough for the hardware prefetcher, the chunk's accumulator stays in L2.
+    // sequentially long enough for the hardware prefetcher, the chunk's accumulator stays in L2
+    // (16 KB chunks were 8% slower at [16, 112000]). The task sum runs in the ISA-dispatched
+    // vec::combine, two rows per pass over the chunk.
     const int64_t want = (d + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
     const int64_t cols = std::clamp<int64_t>((want + 63) / 64 * 64, kColumns, 16 * kColumns);
     const int64_t nb = (d + cols - 1) / cols;
@@ -60,17 +62,7 @@ _Pragma("omp simd")
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t b = blk * cols, e = std::min(d, b + cols);
-        T* __restrict y = out_ + b;
-        const int64_t n = e - b;
-        std::fill(y, y + n, T(0));
-        for (int64_t r = 0; r < rows; ++r) {
-          const T c = coef[r];
-          const T* __restrict o = o_ + r * d + b;
-          const T* __restrict p = p_ + r * d + b;
-          const T* __restrict m = m_ + r * d + b;
-_Pragma("omp simd")
-          for (int64_t i = 0; i < n; ++i) y[i] += a * o[i] + c * (p[i] - m[i]);
-        }
+        vec::kernels<T>().combine(out_ + b, o_ + b, p_ + b, m_ + b, d, coef.data(), rows, a, e - b);
       }
     });
   });

@@ -40,6 +40,10 @@ _backend_modules = {
     "cuda": "fastmeta.ops._cuda",
 }
 _import_errors: dict[str, str] = {}
+# (op, explicit backend, device type, TRITON_INTERPRET) -> the backend resolve() chose. Nothing else
+# that decides it changes while the process runs (the extension loads once, backends register on
+# import), and resolving costs several us per op call. Failures are not cached: they raise.
+_resolved: dict[tuple, str] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -86,7 +90,7 @@ def requested_backend() -> tuple[str | None, str]:
 
 
 def _device_type(device: torch.device | str) -> str:
-    return torch.device(device).type
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 def _platform_reason(backend: str, device_type: str) -> str | None:
@@ -161,6 +165,14 @@ def resolve(op: str, device: torch.device | str) -> str:
     """Name of the backend that will run ``op`` on ``device`` now (raises if an explicit one cannot)."""
     explicit, source = requested_backend()
     dtype_ = _device_type(device)
+    key = (op, explicit, dtype_, os.environ.get("TRITON_INTERPRET"))
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(op, explicit, source, dtype_)
+    return name
+
+
+def _resolve(op: str, explicit: str | None, source: str, dtype_: str) -> str:
     if explicit is not None:
         reason = unavailable_reason(op, explicit, dtype_)
         if reason is not None:
@@ -179,6 +191,38 @@ def resolve(op: str, device: torch.device | str) -> str:
 def get_impl(op: str, device: torch.device | str) -> Callable:
     """The implementation of ``op`` to run on ``device`` (what every custom-op body calls)."""
     return _impls[op][resolve(op, device)]
+
+
+def call(op: str, custom_op: Callable, device: torch.device, *args):
+    """Run ``op`` with ``args`` (the custom op's arguments) on the backend :func:`get_impl` chooses.
+
+    Through the ``torch.library`` custom op ``custom_op`` whenever something needs it: autograd
+    (a tensor argument requires grad while grad mode is on), ``torch.compile``, a ``torch.func``
+    transform, a tensor subclass (fake tensors, parameters) or a dispatch mode. Otherwise straight
+    into the same backend implementation: the custom-op layer (autograd redispatch and dynamo's
+    disable wrapper) costs ~10 us per call on this CPU, 7% of ``sam_perturb`` at [16, 112000].
+    """
+    if _needs_custom_op(args):
+        return custom_op(*args)
+    return get_impl(op, device)(*args)
+
+
+def _needs_custom_op(args: tuple) -> bool:
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
+        return True
+    if _current_dispatch_mode() is not None:
+        return True
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or (grad and a.requires_grad)):
+            return True
+    return False
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
 
 
 def available_backends(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:

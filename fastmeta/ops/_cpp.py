@@ -14,10 +14,16 @@ from ._backend import register
 BACKEND = "cpp"
 
 
-def _native():
-    from .. import _extension
+_loaded = False
 
-    _extension.load()
+
+def _native():
+    global _loaded
+    if not _loaded:
+        from .. import _extension
+
+        _extension.load()
+        _loaded = True
     return torch.ops.fastmeta
 
 

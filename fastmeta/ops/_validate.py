@@ -53,8 +53,8 @@ def per_task(value: object, name: str, t: int, like: Tensor, positive: bool) -> 
         raise ValueError(f"{name} is on {value.device} but the data is on {like.device} (mixed devices)")
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got {value.dtype}")
-    tensor_bad = ~(value > 0) if positive else ~(value >= 0)  # NaN fails both comparisons: rejected too
-    if value.device.type == "cpu" and not _is_fake(value) and bool(tensor_bad.any()):
+    # min() propagates NaN, and NaN fails both comparisons: rejected too. One reduction, no temporaries.
+    if value.device.type == "cpu" and value.numel() and not _is_fake(value) and bad(float(value.detach().min())):
         raise ValueError(f"{name} must be {rule} everywhere, got {value.tolist()}")
     return value.to(like.dtype).reshape(-1).expand(t)
 

@@ -71,4 +71,5 @@ def fd_hvp_combine(g_o: Tensor, g_plus: Tensor, g_minus: Tensor, delta: float | 
     if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)):
         raise ValueError(f"inner_lr must be a float, got {type(inner_lr).__name__}")
     delta_t = _validate.per_task(delta, "delta", g_o.shape[0], g_o, positive=True)
-    return _fd_hvp_combine_op(g_o, g_plus, g_minus, delta_t, float(inner_lr), reduce == "mean")
+    return _backend.call("fd_hvp_combine", _fd_hvp_combine_op, g_o.device, g_o, g_plus, g_minus, delta_t,
+                         float(inner_lr), reduce == "mean")

@@ -70,4 +70,4 @@ def fd_hvp_points(theta: Tensor, v: Tensor, delta: float | Tensor) -> Tensor:
     if theta.dim() == 2:
         _validate.same_size(theta.shape[0], t, "theta", "T (first dim) vs v")
     delta_t = _validate.per_task(delta, "delta", t, v, positive=True)
-    return _fd_hvp_points_op(theta, v, delta_t)
+    return _backend.call("fd_hvp_points", _fd_hvp_points_op, v.device, theta, v, delta_t)

@@ -45,4 +45,4 @@ def row_norm(g: Tensor) -> Tensor:
         ``[T]`` norms ``||g_t||_2``, same dtype. Differentiable (the gradient of a zero row is 0).
     """
     _validate.tensor(g, "g", (2,))
-    return _row_norm_op(g)
+    return _backend.call("row_norm", _row_norm_op, g.device, g)

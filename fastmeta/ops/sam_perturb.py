@@ -82,5 +82,6 @@ def sam_perturb(theta: Tensor, g: Tensor, radius: float | Tensor, mask: Tensor |
     if global_norm and isinstance(radius, Tensor) and radius.numel() != 1:
         raise ValueError(f"radius must be a single value with global_norm=True, got shape {tuple(radius.shape)}")
     radius_t = _validate.per_task(radius, "radius", t, g2, positive=False)
-    out = _sam_perturb_op(theta, g2, radius_t, mask, float(eps), bool(global_norm))
+    out = _backend.call("sam_perturb", _sam_perturb_op, g.device, theta, g2, radius_t, mask, float(eps),
+                        bool(global_norm))
     return out[0] if vector_in else out

@@ -57,7 +57,7 @@ def sds_select(loss_clean: Tensor, loss_perturbed: Tensor, ratio: float) -> Tens
         A NaN increase ranks first (as ``torch.sort``), so a NaN loss is never silently dropped.
     """
     k = _check(loss_clean, loss_perturbed, ratio)
-    return _sds_select_op(loss_clean, loss_perturbed, k)
+    return _backend.call("sds_select", _sds_select_op, loss_clean.device, loss_clean, loss_perturbed, k)
 
 
 def sds_mask(loss_clean: Tensor, loss_perturbed: Tensor, ratio: float) -> Tensor:

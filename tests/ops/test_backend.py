@@ -1,6 +1,7 @@
 """Dispatch: precedence (context > env > device default), explicit choices never fall back, the
 op x backend table, the CUDA kernel registrations, and cold imports without the extension/triton."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -58,6 +59,37 @@ def test_which_backend_ran_is_the_chosen_one(monkeypatch):
     with ops.use_backend("reference"):
         ops.row_norm(torch.ones(2, 3))
     assert calls == [1]
+
+
+def test_custom_op_layer_is_skipped_only_when_nothing_needs_it(monkeypatch):
+    """Without autograd the public op calls the backend impl directly; with it, through the custom op
+    (whose autograd formula then runs: d out / d theta = I summed over the broadcast rows)."""
+    module = importlib.import_module("fastmeta.ops.sam_perturb")  # the package re-exports the function
+    entered = []
+    original = module._sam_perturb_op
+    monkeypatch.setattr(module, "_sam_perturb_op", lambda *a: entered.append(1) or original(*a))
+    theta, g = torch.randn(5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    direct = ops.sam_perturb(theta, g, 0.1)
+    assert entered == []
+    with torch.no_grad():
+        ops.sam_perturb(theta.requires_grad_(), g, 0.1)
+    assert entered == []
+    out = ops.sam_perturb(theta, g, 0.1)
+    assert entered == [1]
+    torch.testing.assert_close(out.detach(), direct, rtol=0, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(theta.grad, torch.full_like(theta, 3.0))
+
+
+def test_resolution_is_cached_but_follows_the_context_and_env(monkeypatch):
+    monkeypatch.delenv("FASTMETA_BACKEND", raising=False)
+    first = ops.resolve("row_norm", "cpu")
+    with ops.use_backend("reference"):
+        assert ops.resolve("row_norm", "cpu") == "reference"
+    monkeypatch.setenv("FASTMETA_BACKEND", "reference")
+    assert ops.resolve("row_norm", torch.device("cpu")) == "reference"
+    monkeypatch.delenv("FASTMETA_BACKEND")
+    assert ops.resolve("row_norm", "cpu") == first
 
 
 def test_support_table_has_a_reason_for_every_unavailable_cell():

@@ -1,9 +1,12 @@
 // Run-time choice of the row kernels' instruction set, and the streaming-store threshold.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #include "row_kernels.h"
 
@@ -36,10 +39,28 @@ bool cpu_has_avx2() {
 // 0 = baseline, 1 = avx2. Read on every kernel call (one relaxed load), so the test hook applies at once.
 std::atomic<int> g_isa{cpu_has_avx2() ? 1 : 0};
 
+// Size of the largest cache cpu0 sees, from sysfs ("32768K"): on AMD EPYC that is one CCX's L3,
+// while sysconf(_SC_LEVEL3_CACHE_SIZE) reports the whole package's (384 MiB on this VM, which would
+// put the streaming threshold out of reach of every realistic output). 0 if sysfs has no answer.
+int64_t sysfs_llc_bytes() {
+  int64_t best = 0;
+  for (int index = 0; index < 8; ++index) {
+    std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+    std::string text;
+    if (!(f >> text) || text.empty()) continue;
+    char* end = nullptr;
+    int64_t v = std::strtoll(text.c_str(), &end, 10);
+    if (end != nullptr && (*end == 'K' || *end == 'k')) v <<= 10;
+    if (end != nullptr && (*end == 'M' || *end == 'm')) v <<= 20;
+    best = std::max(best, v);
+  }
+  return best;
+}
+
 int64_t default_stream_threshold() {
-  long llc = 0;
+  long llc = static_cast<long>(sysfs_llc_bytes());
 #ifdef _SC_LEVEL3_CACHE_SIZE
-  llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (llc <= 0) llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
 #ifdef _SC_LEVEL2_CACHE_SIZE
   if (llc <= 0) llc = sysconf(_SC_LEVEL2_CACHE_SIZE);

@@ -18,6 +18,10 @@ struct RowKernels {
   // o[i] = th[i] + scale * (g[i] * m[i]) (m may be null). stream: non-temporal stores (the output
   // bypasses the caches; for outputs too large to stay in them).
   void (*axpy)(const T* th, const T* g, const T* m, T* o, T scale, int64_t n, bool stream);
+  // y[i] = sum_{r < rows} (a * o[r*stride + i] + coef[r] * (p[r*stride + i] - q[r*stride + i]))
+  // over [0, n): fd_hvp_combine's sum over tasks for one column chunk (rows = 0 gives zeros).
+  void (*combine)(T* y, const T* o, const T* p, const T* q, int64_t stride, const T* coef, int64_t rows,
+                  T a, int64_t n);
 };
 
 // The kernels of the chosen ISA (the best the CPU supports, unless overridden).
@@ -38,7 +42,9 @@ const char* supported_isas();
 bool set_isa(const char* name);
 
 // Outputs of at least this many bytes are written with non-temporal stores. Default: half the
-// last-level cache (sysconf), 8 MiB when unknown; the test hook sets it (0 = always stream).
+// last-level cache one core sees (sysfs cache/index*/size of cpu0; sysconf as a fallback, which on
+// AMD EPYC reports the L3 of the whole package, 12x too large), 8 MiB when unknown; the test hook
+// sets it (0 = always stream).
 int64_t stream_threshold_bytes();
 int64_t set_stream_threshold_bytes(int64_t bytes);  // returns the previous value; < 0 = default
 

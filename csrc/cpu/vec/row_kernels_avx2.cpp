@@ -4,7 +4,7 @@
 
 namespace fastmeta::cpu::vec::avx2 {
 
-extern const RowKernels<float> kF32 = {"avx2", sumsq_t<float>, axpy_t<float>};
-extern const RowKernels<double> kF64 = {"avx2", sumsq_t<double>, axpy_t<double>};
+extern const RowKernels<float> kF32 = {"avx2", sumsq_t<float>, axpy_t<float>, combine_t<float>};
+extern const RowKernels<double> kF64 = {"avx2", sumsq_t<double>, axpy_t<double>, combine_t<double>};
 
 }  // namespace fastmeta::cpu::vec::avx2

@@ -4,7 +4,7 @@
 
 namespace fastmeta::cpu::vec::baseline {
 
-extern const RowKernels<float> kF32 = {"default", sumsq_t<float>, axpy_t<float>};
-extern const RowKernels<double> kF64 = {"default", sumsq_t<double>, axpy_t<double>};
+extern const RowKernels<float> kF32 = {"default", sumsq_t<float>, axpy_t<float>, combine_t<float>};
+extern const RowKernels<double> kF64 = {"default", sumsq_t<double>, axpy_t<double>, combine_t<double>};
 
 }  // namespace fastmeta::cpu::vec::baseline

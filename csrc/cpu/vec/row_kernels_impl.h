@@ -143,4 +143,45 @@ inline void axpy_t(const T* __restrict th, const T* __restrict g, const T* __res
   }
 }
 
+// Two task rows per pass over the output chunk: every pass reads and writes y once, so pairs halve
+// that traffic. Measured at [16, 112000] float32 on 2 cores: one row per pass 202 us, pairs 124 us,
+// four rows per pass 354 us (12 input streams are more than the hardware prefetchers follow).
+template <typename T>
+inline void combine_t(T* __restrict y, const T* o, const T* p, const T* q, int64_t stride, const T* coef,
+                      int64_t rows, T a, int64_t n) {
+  bool first = true;
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2, first = false) {
+    const T* __restrict o0 = o + r * stride;
+    const T* __restrict o1 = o0 + stride;
+    const T* __restrict p0 = p + r * stride;
+    const T* __restrict p1 = p0 + stride;
+    const T* __restrict q0 = q + r * stride;
+    const T* __restrict q1 = q0 + stride;
+    const T c0 = coef[r], c1 = coef[r + 1];
+    if (first) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = a * (o0[i] + o1[i]) + (c0 * (p0[i] - q0[i]) + c1 * (p1[i] - q1[i]));
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] += a * (o0[i] + o1[i]) + (c0 * (p0[i] - q0[i]) + c1 * (p1[i] - q1[i]));
+    }
+  }
+  if (r < rows) {  // an odd last row
+    const T* __restrict o0 = o + r * stride;
+    const T* __restrict p0 = p + r * stride;
+    const T* __restrict q0 = q + r * stride;
+    const T c0 = coef[r];
+    if (first) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = a * o0[i] + c0 * (p0[i] - q0[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] += a * o0[i] + c0 * (p0[i] - q0[i]);
+    }
+  } else if (first) {
+    std::fill(y, y + n, T(0));  // rows == 0
+  }
+}
+
 }  // namespace fastmeta::cpu::vec::FASTMETA_VEC_NS
