@@ -227,10 +227,10 @@ class MetaLearner:
         ev = _distributed.wrap_evaluator(self, self.evaluator(batch))
         theta = self.layout.flatten(self.model)
         res = self.algorithm.meta_grad(ev, self.layout, theta, batch)
-        # One reduction and one host sync on the happy path: any NaN/inf in either tensor makes the
-        # float64 sum non-finite (float64 cannot overflow on sums of float32 values); the
-        # diagnosis below runs only then.
-        if math.isfinite(float(res.grad.sum(dtype=torch.float64) + res.query_loss.sum(dtype=torch.float64))):
+        # Two reductions and one host sync on the happy path: any NaN/inf in either tensor makes
+        # the sum non-finite. A sum of finite values can still overflow (float32 near 3e38): the
+        # element-wise diagnosis below then finds nothing and the result is returned.
+        if math.isfinite(float(res.grad.sum() + res.query_loss.sum())):
             return res
         bad = ~torch.isfinite(res.query_loss)
         if bad.any():

@@ -92,6 +92,7 @@ class ParamLayout:
             self.slots.append(_Slot(n, p.shape, offset, p.numel()))
             offset += p.numel()
         self.D: int = sum(s.numel for s in self.slots[: len(adapted)])
+        self._adapted_numels: tuple[int, ...] = tuple(s.numel for s in self.slots[: len(adapted)])
         self.P: int = offset
         self.dtype: torch.dtype = dtypes.pop()
         self.device: torch.device = devices.pop()
@@ -100,15 +101,18 @@ class ParamLayout:
     @property
     def adapted_numels(self) -> list[int]:
         """Per-tensor sizes along the row dim D (segments for per-tensor masks)."""
-        return [s.numel for s in self.slots[: len(self.adapted)]]
+        return list(self._adapted_numels)
 
     def flatten(self, module: nn.Module) -> torch.Tensor:
         """The module's current meta-parameters as a detached flat vector ``[P]``."""
         named = dict(module.named_parameters())
-        return torch.cat([named[s.name].detach().reshape(-1) for s in self.slots])
+        with torch.no_grad():  # cheaper than one detach per tensor
+            return torch.cat([named[s.name].reshape(-1) for s in self.slots])
 
     def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[P] -> ([D] adapted, [P-D] shared)`` (views; one split node, see :meth:`named`)."""
+        if self.P == self.D:  # nothing shared (MAML): no split node on the path of every gradient
+            return theta, theta[self.D:]
         adapted, shared = theta.split([self.D, self.P - self.D])
         return adapted, shared
 
@@ -118,24 +122,34 @@ class ParamLayout:
         ``row`` may carry leading batch dims (``[..., D]``), and so may ``shared`` (``[..., P-D]``,
         e.g. one copy per task); the views keep them.
         """
-        lead = row.shape[:-1]
-        n_ad = len(self.adapted)
+        out = self.named_adapted(row)
+        if len(self.adapted) < len(self.slots):
+            out.update(self.named_shared(shared))
+        return out
+
+    def named_adapted(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The adapted half of :meth:`named`: ``{name: [..., *shape]}`` views of ``row`` ``[..., D]``."""
         if row.shape[-1] != self.D:
             raise ValueError(f"row: expected last dim D={self.D}, got shape {tuple(row.shape)}")
+        lead = row.shape[:-1]
         # One split instead of a slice per tensor: each slice's backward zero-fills a full [D]
         # buffer and adds into it (18 x 448 KB per backward on Conv-4, ~5% of a MAML step), the
         # split's backward is a single concatenation.
-        parts = row.split(self.adapted_numels, dim=-1)
-        out = {s.name: part.reshape(*lead, *s.shape) for s, part in zip(self.slots[:n_ad], parts)}
-        if n_ad < len(self.slots):
-            if shared is None or shared.dim() == 0 or shared.shape[-1] != self.P - self.D:
-                raise ValueError(f"shared: expected last dim P-D={self.P - self.D}, got "
-                                 f"{None if shared is None else tuple(shared.shape)}")
-            sizes = [s.numel for s in self.slots[n_ad:]]
-            sh_lead = shared.shape[:-1]
-            out.update({s.name: part.reshape(*sh_lead, *s.shape)
-                        for s, part in zip(self.slots[n_ad:], shared.split(sizes, dim=-1))})
-        return out
+        parts = row.split(self._adapted_numels, dim=-1)
+        return {s.name: part.reshape(*lead, *s.shape) for s, part in zip(self.slots, parts)}
+
+    def named_shared(self, shared: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The shared half of :meth:`named`: views of ``shared`` ``[..., P-D]`` (empty if nothing is shared)."""
+        n_ad = len(self.adapted)
+        if n_ad == len(self.slots):
+            return {}
+        if shared is None or shared.dim() == 0 or shared.shape[-1] != self.P - self.D:
+            raise ValueError(f"shared: expected last dim P-D={self.P - self.D}, got "
+                             f"{None if shared is None else tuple(shared.shape)}")
+        sizes = [s.numel for s in self.slots[n_ad:]]
+        sh_lead = shared.shape[:-1]
+        return {s.name: part.reshape(*sh_lead, *s.shape)
+                for s, part in zip(self.slots[n_ad:], shared.split(sizes, dim=-1))}
 
     def write_grad(self, module: nn.Module, grad: torch.Tensor, accumulate: bool = False) -> None:
         """Write a flat meta-gradient ``[P]`` into the parameters' ``.grad``."""

@@ -114,3 +114,45 @@ def test_auto_measures_bmm_only_where_the_model_qualifies():
     learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr))
     learner.step(batch)
     assert set(learner.strategy_timings) == {"vmap", "loop"}
+
+
+@pytest.mark.parametrize("strategy", ["bmm", "loop", "vmap"])
+@pytest.mark.parametrize("loss", [F.mse_loss, F.l1_loss, F.huber_loss])
+def test_losses_of_elementwise_losses_are_per_task_means(strategy, loss):
+    """Evaluator.losses applies element-wise losses to [T, N, 1] outputs without reshaping: the
+    per-task mean (and per-sample values) must equal the loss of each task computed on its own."""
+    model, batch, _, _ = mlp_case()
+    layout = ParamLayout(model)
+    ev = Evaluator(model, layout, loss, strategy)
+    theta = layout.flatten(model)
+    rows = theta.expand(batch.num_tasks, -1) + 0.01 * torch.randn(batch.num_tasks, layout.D, dtype=theta.dtype)
+    per_task = ev.losses(rows, theta[layout.D:], batch.query_x, batch.query_y)
+    per_sample = ev.losses(rows, theta[layout.D:], batch.query_x, batch.query_y, per_sample=True)
+    for t in range(batch.num_tasks):
+        m = torch.func.functional_call(model, layout.named(rows[t], None), (batch.query_x[t],))
+        want = loss(m, batch.query_y[t], reduction="none").reshape(-1)
+        torch.testing.assert_close(per_sample[t], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(per_task[t], want.mean(), rtol=1e-12, atol=1e-12)
+
+
+def test_structured_inner_loop_returns_what_the_rows_loop_returns():
+    """inner_loop(structured=True) on bmm: per-parameter tensors equal to the rows loop's rows."""
+    from fastmeta.batched import inner_loop
+
+    model, batch, loss_fn, lr = mlp_case()
+    layout = ParamLayout(model)
+    ev = Evaluator(model, layout, loss_fn, "bmm")
+    theta = layout.flatten(model).requires_grad_()
+    adapted, shared = layout.split(theta)
+    rows, _ = inner_loop(ev, adapted, shared, batch.support_x, batch.support_y, lr, 3, create_graph=True)
+    params, iterates = inner_loop(ev, adapted, shared, batch.support_x, batch.support_y, lr, 3,
+                                  create_graph=True, structured=True)
+    assert isinstance(params, dict) and iterates == []
+    for name, value in layout.named(rows, None).items():
+        torch.testing.assert_close(params[name], value, rtol=1e-12, atol=1e-14)
+    loop_ev = Evaluator(model, layout, loss_fn, "loop")  # other strategies keep returning rows
+    same, _ = inner_loop(loop_ev, adapted, shared, batch.support_x, batch.support_y, lr, 3,
+                         create_graph=True, structured=True)
+    assert isinstance(same, torch.Tensor)
+    with pytest.raises(ValueError, match="bmm"):
+        loop_ev.losses(params, shared, batch.query_x, batch.query_y)

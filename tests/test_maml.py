@@ -4,12 +4,16 @@ MAML: Sharp-MAML Alg. 2 / eq. 9 inner step, Fallah eq. 5 meta-gradient; FO-MAML:
 The Conv-4 + BatchNorm cases under ``vmap`` are the ones that fail if the functorch#534 trap
 (second-order batch norm under vmap) is not handled.
 """
+import math
+
 import pytest
 import torch
 
 import fastmeta
+from fastmeta.algorithms.base import MetaResult
 from fastmeta.batched import Evaluator
 from fastmeta.params import ParamLayout
+from fastmeta.tasks import TaskBatch
 
 from reference import conv_case, flat, maml_meta_grad, mlp_case, rel_err
 
@@ -76,6 +80,24 @@ def test_non_finite_loss_is_reported():
     learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr), loss_fn="mse", strategy="loop")
     with pytest.raises(FloatingPointError, match="loss"):
         learner.step(batch)
+
+
+def test_finite_values_whose_sum_overflows_are_not_an_error(monkeypatch):
+    """The happy-path check sums in the gradient's dtype; float32 values near 3e38 overflow that sum
+    although every value is finite: the element-wise diagnosis must then pass the result through."""
+    model, batch, _, lr = mlp_case()
+    model = model.float()
+    batch = TaskBatch(batch.support_x.float(), batch.support_y.float(), batch.query_x.float(), batch.query_y.float())
+    learner = fastmeta.MetaLearner(model, fastmeta.MAML(lr), loss_fn="mse", strategy="loop")
+    huge = torch.full((learner.layout.P,), 3e38)
+    res = MetaResult(huge, torch.full((batch.num_tasks,), 3e38), None)
+    monkeypatch.setattr(learner.algorithm, "meta_grad", lambda *a: res)
+    assert not math.isfinite(float(huge.sum()))
+    assert learner.meta_gradient(batch) is res
+    res_nan = MetaResult(huge.clone().index_fill_(0, torch.tensor([1]), float("nan")), res.query_loss, None)
+    monkeypatch.setattr(learner.algorithm, "meta_grad", lambda *a: res_nan)
+    with pytest.raises(FloatingPointError, match="meta-gradient is non-finite"):
+        learner.meta_gradient(batch)
 
 
 def test_evaluate_ci_and_adapt():

@@ -41,7 +41,8 @@ class MAML(Algorithm):
             adapted, shared = layout.split(theta)
             with annotate("inner"):
                 w, _ = inner_loop(ev, adapted, shared, b.support_x, b.support_y,
-                                  self.inner_lr, self.inner_steps, create_graph=not self.first_order)
+                                  self.inner_lr, self.inner_steps, create_graph=not self.first_order,
+                                  structured=True)
             with annotate("outer"):
                 q, out = ev.losses(w, shared, b.query_x, b.query_y, return_outputs=True)
                 (g,) = torch.autograd.grad(q.sum(), theta)
