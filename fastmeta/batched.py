@@ -257,61 +257,6 @@ class ChannelsLast(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _MaxPool2dNHWC(torch.autograd.Function):
-    """``max_pool2d`` of an NCHW tensor whose forward runs in NHWC and whose backward runs in NCHW.
-
-    On this CPU the NCHW forward kernel (with the indices autograd needs) is the slow one — 6.5 ms at
-    ``[75, 64, 28, 28]`` — while NHWC vectorizes over channels: 1.6 ms including both layout
-    conversions. The NCHW backward (0.9 ms) is faster than the NHWC one, so the backward stays
-    NCHW, fed with the NHWC kernel's indices (flat positions in each H x W plane in both layouts).
-    Values, indices and gradients are bit-identical to ``F.max_pool2d``'s; the backward is built
-    from ``max_pool2d_with_indices_backward``, whose own derivative (w.r.t. the incoming gradient)
-    autograd knows, so second-order MAML differentiates through it as through the built-in.
-    """
-
-    @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
-        y, idx = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last),
-                                                        kernel_size, stride, padding, dilation, ceil_mode)
-        idx = idx.contiguous()
-        ctx.save_for_backward(x, idx)
-        ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
-        ctx.mark_non_differentiable(idx)
-        return y.contiguous()
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, idx = ctx.saved_tensors
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy.contiguous(), x, *ctx.args, idx)
-        return gx, None, None, None, None, None
-
-
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
-
-
-class PoolNHWC(TorchFunctionMode):
-    """Run ``F.max_pool2d`` on 4-D NCHW CPU float tensors through :class:`_MaxPool2dNHWC` (exact).
-
-    Entered by the ``loop`` strategy for models with ``nn.MaxPool2d`` layers (``pool_nhwc=True``,
-    the default). Calls it does not cover (``return_indices=True``, other layouts or devices,
-    ``torch.max_pool2d`` called directly) run unchanged.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.max_pool2d and args and not kwargs.get("return_indices", False) and len(args) <= 2:
-            x = args[0]
-            if (isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.is_floating_point()
-                    and x.is_contiguous() and type(x) is torch.Tensor):
-                ks = _pair(args[1] if len(args) > 1 else kwargs["kernel_size"])
-                stride = kwargs.get("stride")
-                stride = ks if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride)
-                return _MaxPool2dNHWC.apply(x, ks, stride, _pair(kwargs.get("padding", 0)),
-                                            _pair(kwargs.get("dilation", 1)), bool(kwargs.get("ceil_mode", False)))
-        return func(*args, **kwargs)
-
-
 def _transforms_active() -> bool:
     # Inside a user's torch.func transform (vmap/grad over the evaluator) cached tensors could
     # belong to another transform level: never cache there.
@@ -537,11 +482,9 @@ def _with_speed_modes(forward):
     @functools.wraps(forward)
     def wrapped(self, rows, shared, x):
         cl, bf16 = getattr(self, "channels_last", False), getattr(self, "bf16", False)
-        pool = getattr(self, "_pool_nhwc", False) and self.strategy == "loop"
-        if not (cl or bf16 or pool):
+        if not (cl or bf16):
             return forward(self, rows, shared, x)
-        with ChannelsLast() if cl and self.strategy == "loop" else contextlib.nullcontext(), \
-                PoolNHWC() if pool else contextlib.nullcontext():
+        with ChannelsLast() if cl and self.strategy == "loop" else contextlib.nullcontext():
             with torch.autocast(self.layout.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = forward(self, rows, shared, x)
         return out.to(self.layout.dtype) if bf16 and out.is_floating_point() else out
@@ -563,9 +506,6 @@ class Evaluator:
         bf16: opt-in CPU speed mode: bf16 autocast with float32 master weights and float32
             meta-gradient accumulation (approximate: ~1e-2 relative gradient error). Needs
             float32 parameters.
-        pool_nhwc: exact CPU speed-up, on by default: under the ``loop`` strategy, models with
-            ``nn.MaxPool2d`` layers run ``F.max_pool2d`` through :class:`PoolNHWC` (NHWC forward,
-            NCHW backward; bit-identical results, ~3x faster pooling on this CPU).
         feature_cache: ANIL feature caching (exact; see :class:`FeatureSplit`): ``False`` (off),
             ``True`` (build the split; ``ValueError`` naming ``feature_cache`` if the model does
             not qualify), or a :class:`FeatureSplit` shared by several evaluators (one numerical
@@ -573,7 +513,7 @@ class Evaluator:
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn, strategy: str, *,
-                 channels_last: bool = False, bf16: bool = False, pool_nhwc: bool = True,
+                 channels_last: bool = False, bf16: bool = False,
                  feature_cache: Union[bool, FeatureSplit] = False):
         if strategy not in ("vmap", "loop", "bmm"):
             raise ValueError(f"strategy: expected 'vmap', 'loop' or 'bmm', got {strategy!r}")
@@ -582,8 +522,6 @@ class Evaluator:
             raise ValueError(f"channels_last: expected a bool, got {channels_last!r}")
         if not isinstance(bf16, bool):
             raise ValueError(f"bf16: expected a bool, got {bf16!r}")
-        if not isinstance(pool_nhwc, bool):
-            raise ValueError(f"pool_nhwc: expected a bool, got {pool_nhwc!r}")
         if bf16 and layout.dtype != torch.float32:
             raise ValueError(f"bf16: needs float32 parameters (they are the float32 master weights), got {layout.dtype}")
         if isinstance(feature_cache, FeatureSplit):
@@ -596,8 +534,6 @@ class Evaluator:
             raise ValueError(f"feature_cache: expected a bool or a FeatureSplit, got {feature_cache!r}")
         self.model, self.layout, self.loss_fn, self.strategy = model, layout, loss_fn, strategy
         self.channels_last, self.bf16 = channels_last, bf16
-        self.pool_nhwc = pool_nhwc
-        self._pool_nhwc = pool_nhwc and any(isinstance(m, nn.MaxPool2d) for m in model.modules())
         self.features: Optional[FeatureSplit] = split
         self._feature_cache: Optional[_FeatureCache] = None if split is None else _FeatureCache()
         # The composite-norm mode routes every torch call of the forward through Python, which

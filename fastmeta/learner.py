@@ -68,9 +68,6 @@ class MetaLearner:
             :mod:`fastmeta.batched`.
         channels_last: opt-in CPU speed mode for conv nets: convolutions run in NHWC memory
             format (exact gradients; applies under the loop strategy).
-        pool_nhwc: on by default, exact: under the loop strategy ``nn.MaxPool2d`` layers run their
-            forward in NHWC and their backward in NCHW (bit-identical results; the NCHW forward
-            kernel is the slow one on CPUs). ``False`` runs ``F.max_pool2d`` as it is.
         bf16: opt-in CPU speed mode: the model runs under bf16 autocast while the parameters,
             inner-loop updates and the meta-gradient (accumulated over tasks) stay float32.
             Gradients are approximate (~1e-2 relative); check accuracy on your task (on Omniglot
@@ -102,7 +99,7 @@ class MetaLearner:
 
     def __init__(self, model: nn.Module, algorithm: Algorithm, loss_fn="cross_entropy",
                  adapt: Adapt = "all", strategy: str = "auto", channels_last: bool = False, bf16: bool = False,
-                 process_group=None, feature_cache: Optional[bool] = None, pool_nhwc: bool = True):
+                 process_group=None, feature_cache: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(algorithm, Algorithm):
@@ -134,7 +131,7 @@ class MetaLearner:
         # Opt-in CPU speed modes, passed to every Evaluator (validated there: bf16 needs float32).
         # Exact ANIL feature caching travels with them (every Evaluator of this learner is built
         # from this dict, including the one distributed.py rebuilds after rank 0's strategy choice).
-        self.speed_modes = dict(channels_last=channels_last, bf16=bf16, pool_nhwc=pool_nhwc)
+        self.speed_modes = dict(channels_last=channels_last, bf16=bf16)
         if self._feature_split is not None:
             self.speed_modes["feature_cache"] = self._feature_split
         Evaluator(model, self.layout, self.loss_fn, "loop", **self.speed_modes)

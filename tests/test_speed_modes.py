@@ -1,7 +1,4 @@
-"""CPU speed modes (``MetaLearner(channels_last=..., bf16=..., pool_nhwc=...)``): correctness and accuracy.
-
-* pool_nhwc (on by default) runs max-pool forwards in NHWC and their backwards in NCHW: values,
-  first and second derivatives must be bit-identical to ``F.max_pool2d``'s.
+"""CPU speed modes (``MetaLearner(channels_last=..., bf16=...)``): correctness and accuracy.
 
 * channels_last only changes memory layout, so the meta-gradient must equal the plain per-task
   loop (Sharp-MAML Alg. 2 / Fallah eq. 5; FO: Fallah eq. 8) in float64 to 1e-9, like the default.
@@ -9,14 +6,12 @@
   weights and accumulation), point the same way as the exact one, and differ from it by the
   amount bf16 rounding explains -- and training with it must reach the same meta-test accuracy.
 """
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastmeta
-from fastmeta.batched import ChannelsLast, Evaluator, PoolNHWC, _MaxPool2dNHWC
+from fastmeta.batched import ChannelsLast, Evaluator
 from fastmeta.data import SinusoidTasks
 from fastmeta.models import Conv4, SineMLP
 from fastmeta.params import ParamLayout
@@ -103,69 +98,6 @@ def test_bf16_under_vmap_and_auto():
         assert float(F.cosine_similarity(got.double(), ref, dim=0)) > 0.98
 
 
-POOL_CASES = [  # (shape, kernel, stride, padding, dilation, ceil_mode)
-    ((3, 8, 28, 28), 2, None, 0, 1, False),  # Conv-4's first pool
-    ((1, 8, 7, 7), 2, None, 0, 1, False),  # odd size: the last row/column is dropped
-    ((2, 5, 9, 7), 3, 2, 1, 1, True),
-    ((2, 3, 8, 11), (2, 3), (1, 2), (1, 0), 1, False),
-    ((2, 4, 10, 10), 2, 2, 0, 2, True),
-    ((1, 1, 1, 1), 1, None, 0, 1, False),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", POOL_CASES, ids=[f"{c[0]}-k{c[1]}" for c in POOL_CASES])
-def test_pool_nhwc_is_bit_identical_to_max_pool2d(case, dtype):
-    shape, k, st, pad, dil, ceil = case
-    torch.manual_seed(0)
-    # Post-ReLU inputs: many tied zeros, where a different tie-break would move gradient.
-    x = torch.relu(torch.randn(shape, dtype=dtype)).requires_grad_()
-    w = torch.randn(F.max_pool2d(x, k, st, pad, dil, ceil).shape, dtype=dtype)
-
-    def run(mode):
-        with mode:
-            y = F.max_pool2d(x, k, stride=st, padding=pad, dilation=dil, ceil_mode=ceil)
-        (g,) = torch.autograd.grad((y * w).sum() + (y ** 2).sum(), x, create_graph=True)
-        (gg,) = torch.autograd.grad((g * g).sum(), x)  # through the backward: second order
-        return y, g, gg
-
-    ref, got = run(contextlib.nullcontext()), run(PoolNHWC())
-    assert type(got[0].grad_fn).__name__ == "_MaxPool2dNHWCBackward"  # the mode did reroute the call
-    assert type(ref[0].grad_fn).__name__ != "_MaxPool2dNHWCBackward"
-    for r, o in zip(ref, got):
-        assert torch.equal(r, o)
-
-
-def test_pool_nhwc_gradcheck_and_fallbacks():
-    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
-    pool = lambda t: _MaxPool2dNHWC.apply(t, [2, 2], [2, 2], [0, 0], [1, 1], True)  # noqa: E731
-    assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
-    with PoolNHWC():  # calls it does not cover run unchanged
-        y, idx = F.max_pool2d(x, 2, return_indices=True)
-        assert torch.equal(idx, F.max_pool2d(x.detach(), 2, return_indices=True)[1])
-        z = F.max_pool2d(x[0], 2)  # 3-D input
-        assert torch.equal(z, torch.max_pool2d(x[0].detach(), 2))
-
-
-@pytest.mark.parametrize("first_order", [False, True])
-def test_pool_nhwc_meta_gradient_equals_the_plain_pools(first_order):
-    torch.manual_seed(0)
-    model = Conv4(3, hidden=8).double()
-    batch = conv_batch()
-    algo = fastmeta.MAML(0.4, 2, first_order=first_order)
-    on = fastmeta.MetaLearner(model, algo, strategy="loop").meta_gradient(batch).grad
-    off = fastmeta.MetaLearner(model, algo, strategy="loop", pool_nhwc=False).meta_gradient(batch).grad
-    assert torch.equal(on, off)
-    assert rel_err(on, oracle(model, batch, 0.4, 2, first_order)) < 1e-9
-
-
-def test_pool_nhwc_is_entered_only_where_it_applies():
-    conv, mlp = Conv4(3, hidden=8), SineMLP()
-    assert Evaluator(conv, ParamLayout(conv), F.cross_entropy, "loop")._pool_nhwc
-    assert not Evaluator(conv, ParamLayout(conv), F.cross_entropy, "loop", pool_nhwc=False)._pool_nhwc
-    assert not Evaluator(mlp, ParamLayout(mlp), F.mse_loss, "loop")._pool_nhwc  # no pooling layer
-
-
 def test_speed_mode_bad_input():
     with pytest.raises(ValueError, match="bf16"):
         fastmeta.MetaLearner(Conv4(3, hidden=8).double(), fastmeta.MAML(0.4), bf16=True)
@@ -174,8 +106,6 @@ def test_speed_mode_bad_input():
     model = Conv4(3, hidden=8)
     with pytest.raises(ValueError, match="bf16"):
         Evaluator(model, ParamLayout(model), F.cross_entropy, "loop", bf16=1)
-    with pytest.raises(ValueError, match="pool_nhwc"):
-        fastmeta.MetaLearner(model, fastmeta.MAML(0.4), pool_nhwc="yes")
 
 
 @pytest.mark.slow
