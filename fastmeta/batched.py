@@ -257,6 +257,14 @@ class ChannelsLast(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _task_rows(row: torch.Tensor, T: int) -> torch.Tensor:
+    """``[D] -> [T, D]`` (a view). For one task ``unsqueeze`` rather than ``expand``: both backwards
+    are then views, where expand's sums over the task dim and the loop's ``rows[t]`` select writes
+    its gradient into a zero-filled ``[1, D]`` buffer (Conv-4 MAML step, D = 112k: the ops touching
+    D-sized tensors went from 6.4 to 4.6 ms per step, of ~600 ms)."""
+    return row.unsqueeze(0) if T == 1 else row.expand(T, -1)
+
+
 def _transforms_active() -> bool:
     # Inside a user's torch.func transform (vmap/grad over the evaluator) cached tensors could
     # belong to another transform level: never cache there.
@@ -556,7 +564,7 @@ class Evaluator:
         if isinstance(rows, dict):
             return self._forward_params(rows, shared, x)
         if rows.dim() == 1:
-            rows = rows.expand(T, -1)
+            rows = _task_rows(rows, T)
         if rows.shape[0] != T:
             raise ValueError(f"rows: has {rows.shape[0]} task rows but x has {T} tasks")
         model, layout = self.model, self.layout
@@ -569,6 +577,9 @@ class Evaluator:
         if self.caches_features and not _transforms_active() and self.features.verify(x[0, :8]):
             return self._forward_split(rows, shared, x, per_task_shared, self._feature_cache)
         if self.strategy == "loop":
+            if T == 1:  # the loop's chunks: views both ways, no select/stack nodes (see _task_rows)
+                sh = shared[0] if per_task_shared else shared
+                return functional_call(model, layout.named(rows.squeeze(0), sh), (x.squeeze(0),)).unsqueeze(0)
             return torch.stack([functional_call(model, layout.named(rows[t], shared[t] if per_task_shared else shared),
                                                 (x[t],)) for t in range(T)])
         if self.strategy == "bmm":
@@ -698,7 +709,7 @@ class Evaluator:
         """
         T = x.shape[0]
         if rows.dim() == 1:
-            rows = rows.expand(T, -1)
+            rows = _task_rows(rows, T)
         with torch.enable_grad():
             if not rows.requires_grad:
                 rows = rows.detach().requires_grad_()
@@ -756,7 +767,7 @@ def inner_loop(ev: Evaluator, rows: torch.Tensor, shared: torch.Tensor, x: torch
     if structured and grad_hook is None and ev.strategy == "bmm":
         return ev._inner_loop_params(rows, shared, x, y, lr, steps, create_graph), []
     T = x.shape[0]
-    w = rows.expand(T, -1) if rows.dim() == 1 else rows
+    w = _task_rows(rows, T) if rows.dim() == 1 else rows
     iterates = []
     for k in range(steps):
         iterates.append(w)
