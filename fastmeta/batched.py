@@ -556,6 +556,8 @@ class Evaluator:
     def forward(self, rows: torch.Tensor, shared: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Model outputs ``[T, N, ...]`` for task rows ``[T, D]`` (or ``[D]``, broadcast) on ``x`` ``[T, N, ...]``.
 
+        ``rows`` may also be per-parameter task tensors ``{name: [T, ...]}`` (``bmm`` strategy only:
+        what ``inner_loop(structured=True)`` returns there).
         ``shared`` is ``[P-D]`` (one value for all tasks) or ``[T, P-D]`` (per task). With ANIL
         feature caching inside a :meth:`feature_scope`, the body's features for this (``shared``,
         ``x``) pair are computed once and only the head runs on the rows (same values, same graph).

@@ -24,6 +24,7 @@ import os
 from typing import Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 OPS = ("row_norm", "sam_perturb", "fd_hvp_points", "fd_hvp_combine", "swp_mask", "sds_select")
@@ -199,8 +200,9 @@ def call(op: str, custom_op: Callable, device: torch.device, *args):
     Through the ``torch.library`` custom op ``custom_op`` whenever something needs it: autograd
     (a tensor argument requires grad while grad mode is on), ``torch.compile``, a ``torch.func``
     transform, a tensor subclass (fake tensors, parameters) or a dispatch mode. Otherwise straight
-    into the same backend implementation: the custom-op layer (autograd redispatch and dynamo's
-    disable wrapper) costs ~10 us per call on this CPU, 7% of ``sam_perturb`` at [16, 112000].
+    into the same backend implementation, skipping the custom-op layer (autograd redispatch and
+    dynamo's disable wrapper): a 16 x 7 ``sam_perturb`` call went from 13.8 to 10.6 us on this CPU
+    (9.2 us with the cached backend choice of :func:`resolve`; the C++ op itself is 3.2 us).
     """
     if _needs_custom_op(args):
         return custom_op(*args)
@@ -210,19 +212,13 @@ def call(op: str, custom_op: Callable, device: torch.device, *args):
 def _needs_custom_op(args: tuple) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         return True
-    if _current_dispatch_mode() is not None:
+    if _get_current_dispatch_mode() is not None:
         return True
     grad = torch.is_grad_enabled()
     for a in args:
         if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or (grad and a.requires_grad)):
             return True
     return False
-
-
-def _current_dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
 
 
 def available_backends(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:
