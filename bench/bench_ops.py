@@ -8,10 +8,7 @@ Shapes ``[T, D] = [16, 112_000]`` (Conv-4 Omniglot: D ~ 112k adapted parameters,
 so benchmark and tests never drift); the floor is ``dst.copy_(src)`` of a tensor sized so that the
 copy reads + writes as many bytes as the op must minimally move (reads of every input once plus the
 output write). ``copy_time / op_time`` is then the fraction of copy bandwidth the op reaches.
-Every benchmark checks its output once, so a fast wrong kernel fails. The script also prints the
-page faults per call (median): an output glibc serves from a fresh ``mmap`` (above its dynamic
-threshold, at most 32 MiB) is faulted in page by page on every call, which can cost more than the
-op itself; the copy floor writes into a preallocated tensor and never pays it.
+Every benchmark checks its output once, so a fast wrong kernel fails.
 Under ``--benchmark-disable`` (CI smoke) each case runs once.
 
 The script measures two ways in the same rounds (impls interleaved round by round, so load from
@@ -24,10 +21,11 @@ The issue-3 targets are read off the steady columns (the pytest-benchmark method
 
 glibc serves an allocation above its dynamic mmap threshold (which never exceeds 32 MiB) with a fresh
 ``mmap`` that is faulted in page by page on every call: 14,000 faults (~10 ms) for a 57 MB tensor,
-in some rounds and not in others, depending on what the process freed before. That would hit
-eager's temporaries hardest and inflate the ratios by up to 20x, so the script pins the heap first
-(``mallopt``: no mmap below 1 GiB, no trimming; ``--glibc-default`` keeps glibc's behaviour). The
-fault column shows what each call still paid.
+in some rounds and not in others, depending on what the process freed before; the copy floor writes
+into a preallocated tensor and never pays it. That hit eager's temporaries hardest and inflated
+ratios up to 30x, so the script pins the heap first (``mallopt``: no mmap below 1 GiB, no trimming;
+``--glibc-default`` keeps glibc's behaviour). The fault column (median per call) shows what each
+call still paid.
 """
 
 from __future__ import annotations

@@ -585,11 +585,7 @@ class Evaluator:
             return torch.stack([functional_call(model, layout.named(rows[t], shared[t] if per_task_shared else shared),
                                                 (x[t],)) for t in range(T)])
         if self.strategy == "bmm":
-            named = layout.named(rows, shared)
-            if shared is not None and not per_task_shared:
-                for n in layout.shared:
-                    named[n] = named[n].expand(T, *named[n].shape)
-            return self._bmm.run(named, x)
+            return self._forward_params(layout.named_adapted(rows), shared, x)
 
         if per_task_shared:
             def one_shared(row, sh, xt):
@@ -605,8 +601,9 @@ class Evaluator:
             return vmap(one, in_dims=(0, 0), randomness="different")(rows, x)
 
     def _forward_params(self, params: dict, shared: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        # Per-parameter task tensors {name: [T, ...]} (what inner_loop(structured=True) returns):
-        # the bmm plan takes them as they are, no flat rows to split.
+        # The bmm forward on per-parameter task tensors {name: [T, ...]}: the views of task rows, or
+        # what inner_loop(structured=True) returns (then there are no flat rows to split at all).
+        # Shared parameters ([P-D], one for all tasks) are broadcast over T; [T, P-D] are per task.
         if self._bmm is None:
             raise ValueError(f"rows: per-parameter task tensors need the 'bmm' strategy, this evaluator runs {self.strategy!r}")
         T = x.shape[0]
@@ -688,8 +685,8 @@ class Evaluator:
         """Per-task mean losses ``[T]`` (``per_sample=True``: ``[T, N]``); with outputs if asked."""
         out = self.forward(rows, shared, x)
         if self.loss_fn in _ELEMENTWISE_LOSSES and out.shape == y.shape:
-            # Element-wise losses take [T, N, ...] as they are: no reshapes (and their view nodes
-            # on every backward, ~2% of a sine MAML step), one reduction.
+            # Element-wise losses take [T, N, ...] as they are: no reshapes (and no view nodes for
+            # them on every backward), one reduction.
             per = self.loss_fn(out, y, reduction="none")
             dims = tuple(range(2 if per_sample else 1, per.dim()))
             loss = per.mean(dims) if dims else per

@@ -123,8 +123,7 @@ class ParamLayout:
         e.g. one copy per task); the views keep them.
         """
         out = self.named_adapted(row)
-        if len(self.adapted) < len(self.slots):
-            out.update(self.named_shared(shared))
+        out.update(self.named_shared(shared))
         return out
 
     def named_adapted(self, row: torch.Tensor) -> dict[str, torch.Tensor]:

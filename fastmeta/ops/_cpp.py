@@ -9,21 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _extension
 from ._backend import register
 
 BACKEND = "cpp"
 
 
-_loaded = False
-
-
 def _native():
-    global _loaded
-    if not _loaded:
-        from .. import _extension
-
-        _extension.load()
-        _loaded = True
+    _extension.load()  # idempotent: one dict lookup once loaded
     return torch.ops.fastmeta
 
 
