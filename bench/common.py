@@ -193,10 +193,10 @@ def make_plain(wl: Workload, model, batch, first_order: bool):
 
 
 def make_fastmeta(wl: Workload, model, batch, first_order: bool, strategy: str = "auto",
-                  channels_last: bool = False, bf16: bool = False):
+                  channels_last: bool = False, bf16: bool = False, fused: bool = False):
     algo = fastmeta.FOMAML(wl.inner_lr) if first_order else fastmeta.MAML(wl.inner_lr)
     learner = fastmeta.MetaLearner(model, algo, wl.loss_fn, strategy=strategy,
-                                   channels_last=channels_last, bf16=bf16)
+                                   channels_last=channels_last, bf16=bf16, fused=fused)
     learner.evaluator(batch)  # "auto" measures its strategies here, outside the timed call
 
     def run():
@@ -354,7 +354,8 @@ FASTMETA_MODES = {
     "fastmeta": dict(),
     "fastmeta channels_last": dict(channels_last=True),
     "fastmeta bf16": dict(bf16=True),
-    "fastmeta channels_last+bf16": dict(channels_last=True, bf16=True),
+    "fastmeta fused": dict(fused=True),
+    "fastmeta fused+bf16": dict(fused=True, bf16=True),
 }
 PEERS = {"higher": make_higher, "torchopt": make_torchopt, "learn2learn": make_learn2learn}
 

@@ -40,7 +40,7 @@ def build(args):
                         ways=batch.ways)
     algo = fastmeta.FOMAML(wl.inner_lr) if args.algo == "fomaml" else fastmeta.MAML(wl.inner_lr)
     learner = fastmeta.MetaLearner(model, algo, wl.loss_fn, strategy=args.strategy,
-                                   channels_last=args.channels_last, bf16=args.bf16)
+                                   channels_last=args.channels_last, bf16=args.bf16, fused=args.fused)
     return wl, learner, batch, device
 
 
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop", "bmm"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fused", action="store_true", help="fused BatchNorm+ReLU+MaxPool tails (fastmeta.fused)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 1 warm-up step)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even if CUDA is present")
     p.add_argument("--out", default="fastmeta_trace.json", help="torch.profiler Chrome trace (CPU path)")

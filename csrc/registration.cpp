@@ -15,6 +15,15 @@ at::Tensor fd_hvp_combine_cpu(const at::Tensor& g_o, const at::Tensor& g_plus, c
                               const at::Tensor& delta, double inner_lr, bool mean);
 void swp_mask_cpu(at::Tensor& out, double keep_prob, int64_t seed, bool rescale);
 at::Tensor sds_select_cpu(const at::Tensor& loss_clean, const at::Tensor& loss_perturbed, int64_t k);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& idx);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
+    const std::optional<at::Tensor>& ggx, const std::optional<at::Tensor>& ggw, const std::optional<at::Tensor>& ggb,
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& idx);
 }  // namespace fastmeta::cpu
 
 TORCH_LIBRARY(fastmeta, m) {
@@ -24,6 +33,11 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def("fd_hvp_combine(Tensor g_o, Tensor g_plus, Tensor g_minus, Tensor delta, float inner_lr, bool mean) -> Tensor");
   m.def("swp_mask(Tensor(a!) out, float keep_prob, int seed, bool rescale) -> ()");
   m.def("sds_select(Tensor loss_clean, Tensor loss_perturbed, int k) -> Tensor");
+  m.def("bn_relu_pool(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_relu_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor idx)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("bn_relu_pool_double_backward(Tensor? ggx, Tensor? ggw, Tensor? ggb, Tensor grad_out, Tensor x, Tensor? weight,"
+        " Tensor mean, Tensor invstd, Tensor idx) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
@@ -33,4 +47,7 @@ TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
   m.impl("fd_hvp_combine", &fastmeta::cpu::fd_hvp_combine_cpu);
   m.impl("swp_mask", &fastmeta::cpu::swp_mask_cpu);
   m.impl("sds_select", &fastmeta::cpu::sds_select_cpu);
+  m.impl("bn_relu_pool", &fastmeta::cpu::bn_relu_pool_cpu);
+  m.impl("bn_relu_pool_backward", &fastmeta::cpu::bn_relu_pool_backward_cpu);
+  m.impl("bn_relu_pool_double_backward", &fastmeta::cpu::bn_relu_pool_double_backward_cpu);
 }

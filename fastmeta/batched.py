@@ -485,14 +485,19 @@ def _with_speed_modes(forward):
     bf16 on AVX-512-bf16/AMX units) while the task rows, the inner SGD updates and every gradient
     stay float32 (float32 master weights); outputs are cast back to float32 so losses and the
     meta-gradient sums are float32. ``channels_last``: see :class:`ChannelsLast` (loop strategy;
-    under vmap convolutions become grouped convolutions whose layout vmap chooses).
+    under vmap convolutions become grouped convolutions whose layout vmap chooses). ``fused``: the
+    model's ``BatchNorm2d, ReLU, MaxPool2d(2)`` runs go through :func:`fastmeta.fused.bn_relu_pool`
+    (see :class:`fastmeta.fused.FusionPlan`; it steps aside under vmap, bf16 and channels_last
+    inputs, where its conditions do not hold).
     """
     @functools.wraps(forward)
     def wrapped(self, rows, shared, x):
         cl, bf16 = getattr(self, "channels_last", False), getattr(self, "bf16", False)
-        if not (cl or bf16):
+        plan = getattr(self, "_fusion", None)
+        if not (cl or bf16 or plan):
             return forward(self, rows, shared, x)
-        with ChannelsLast() if cl and self.strategy == "loop" else contextlib.nullcontext():
+        with plan.active() if plan else contextlib.nullcontext(), \
+                ChannelsLast() if cl and self.strategy == "loop" else contextlib.nullcontext():
             with torch.autocast(self.layout.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = forward(self, rows, shared, x)
         return out.to(self.layout.dtype) if bf16 and out.is_floating_point() else out
@@ -514,6 +519,10 @@ class Evaluator:
         bf16: opt-in CPU speed mode: bf16 autocast with float32 master weights and float32
             meta-gradient accumulation (approximate: ~1e-2 relative gradient error). Needs
             float32 parameters.
+        fused: opt-in CPU speed mode: ``BatchNorm2d (batch statistics), ReLU, MaxPool2d(2)`` runs
+            inside ``nn.Sequential`` use the fused C++ kernels of :mod:`fastmeta.fused` (same
+            function; float32 results differ from ATen's by rounding, ~1e-6 relative; second
+            order through ATen's double backward).
         feature_cache: ANIL feature caching (exact; see :class:`FeatureSplit`): ``False`` (off),
             ``True`` (build the split; ``ValueError`` naming ``feature_cache`` if the model does
             not qualify), or a :class:`FeatureSplit` shared by several evaluators (one numerical
@@ -521,7 +530,7 @@ class Evaluator:
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn, strategy: str, *,
-                 channels_last: bool = False, bf16: bool = False,
+                 channels_last: bool = False, bf16: bool = False, fused: bool = False,
                  feature_cache: Union[bool, FeatureSplit] = False):
         if strategy not in ("vmap", "loop", "bmm"):
             raise ValueError(f"strategy: expected 'vmap', 'loop' or 'bmm', got {strategy!r}")
@@ -532,6 +541,8 @@ class Evaluator:
             raise ValueError(f"bf16: expected a bool, got {bf16!r}")
         if bf16 and layout.dtype != torch.float32:
             raise ValueError(f"bf16: needs float32 parameters (they are the float32 master weights), got {layout.dtype}")
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused: expected a bool, got {fused!r}")
         if isinstance(feature_cache, FeatureSplit):
             if feature_cache.model is not model or feature_cache.layout is not layout:
                 raise ValueError("feature_cache: this FeatureSplit was built for another model or layout")
@@ -541,7 +552,13 @@ class Evaluator:
         else:
             raise ValueError(f"feature_cache: expected a bool or a FeatureSplit, got {feature_cache!r}")
         self.model, self.layout, self.loss_fn, self.strategy = model, layout, loss_fn, strategy
-        self.channels_last, self.bf16 = channels_last, bf16
+        self.channels_last, self.bf16, self.fused = channels_last, bf16, fused
+        self._fusion = None
+        if fused:
+            from .fused import FusionPlan
+
+            plan = FusionPlan(model)
+            self._fusion = plan if plan.blocks else None
         self.features: Optional[FeatureSplit] = split
         self._feature_cache: Optional[_FeatureCache] = None if split is None else _FeatureCache()
         # The composite-norm mode routes every torch call of the forward through Python, which

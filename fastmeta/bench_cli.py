@@ -4,8 +4,9 @@ Runs the suites of ``bench/`` (fast preset by default, ``--full`` for the README
 every implementation's meta-gradient against the plain per-task loop before timing it, and writes
 ``<out>/bench.md`` (markdown table: step time, ratio to the fastest peer and to the compute floor,
 achieved GFLOP/s as a fraction of the same-run GEMM rate, peak RSS, gradient check) and
-``<out>/bench.png`` (bar chart). ``--full`` also meta-trains Conv-4 on Omniglot in float32 and in
-the bf16 speed mode from the same seed and reports both meta-test accuracies.
+``<out>/bench.png`` (bar chart). ``--full`` also meta-trains Conv-4 on Omniglot in float32, in the
+fused float32 speed mode and in the fused bf16 speed mode from the same seed and reports their
+meta-test accuracies.
 
 The suites live in the source checkout (``bench/``, and the plain loops in ``tests/reference.py``),
 so this command runs from a checkout (``pip install -e .``), not from a wheel.
@@ -81,8 +82,9 @@ def run(args) -> int:
 
 # ---------------------------------------------------------------------------------------- accuracy
 def accuracy_check(common, steps: int, meta_batch: int = 8, test_tasks: int = 200) -> dict | None:
-    """Meta-train Conv-4 MAML on Omniglot 5w1s in float32 and in bf16+channels_last from the same
-    seed on the same tasks; meta-test both on the same held-out-alphabet tasks (paired)."""
+    """Meta-train Conv-4 MAML on Omniglot 5w1s in float32, in the fused float32 speed mode and in
+    the fused bf16 speed mode from the same seed on the same tasks; meta-test all on the same
+    held-out-alphabet tasks (paired differences against float32)."""
     import torch
 
     import fastmeta
@@ -93,7 +95,7 @@ def accuracy_check(common, steps: int, meta_batch: int = 8, test_tasks: int = 20
         return dict(skipped="Omniglot subsets not found")
     train, _, test = split_alphabets(data.alphabets, n_test=max(1, len(data.alphabets) // 4))
     res = {}
-    for label, mode in (("fp32", {}), ("bf16+channels_last", dict(bf16=True, channels_last=True))):
+    for label, mode in (("fp32", {}), ("fp32 fused", dict(fused=True)), ("bf16+fused", dict(bf16=True, fused=True))):
         torch.manual_seed(0)
         model = fastmeta.Conv4(5)
         learner = fastmeta.MetaLearner(model, fastmeta.MAML(0.4), strategy="loop", **mode)
@@ -108,12 +110,14 @@ def accuracy_check(common, steps: int, meta_batch: int = 8, test_tasks: int = 20
         r = learner.evaluate(OmniglotTasks(data, test, ways=5, shots=1, queries=15, seed=1).sample(test_tasks))
         res[label] = dict(accuracy=r.accuracy, ci95=r.accuracy_ci95, train_s=secs, per_task=r.per_task_accuracy)
         print(f"  accuracy {label}: {100 * r.accuracy:.2f}% ± {100 * r.accuracy_ci95:.2f} ({secs:.0f} s training)", flush=True)
-    d = res["bf16+channels_last"]["per_task"] - res["fp32"]["per_task"]
-    diff_ci = float(1.96 * d.std() / d.numel() ** 0.5)
+    diffs = {}
+    for label in res:
+        if label != "fp32":
+            d = res[label]["per_task"] - res["fp32"]["per_task"]
+            diffs[label] = dict(diff=float(d.mean()), ci95=float(1.96 * d.std() / d.numel() ** 0.5))
     for v in res.values():
         v.pop("per_task")
-    return dict(modes=res, diff=float(d.mean()), diff_ci95=diff_ci, steps=steps, meta_batch=meta_batch,
-                test_tasks=test_tasks)
+    return dict(modes=res, diffs=diffs, steps=steps, meta_batch=meta_batch, test_tasks=test_tasks)
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -146,13 +150,15 @@ def markdown(payload: dict) -> str:
         lines.append("")
     acc = payload.get("accuracy")
     if acc and "modes" in acc:
-        lines += [f"**bf16 accuracy check** (Conv-4 MAML, Omniglot 5w1s, {acc['steps']} steps × meta-batch "
+        lines += [f"**Speed-mode accuracy check** (Conv-4 MAML, Omniglot 5w1s, {acc['steps']} steps × meta-batch "
                   f"{acc['meta_batch']}, same seed; meta-test on {acc['test_tasks']} held-out-alphabet tasks):", ""]
         for label, v in acc["modes"].items():
             lines.append(f"- {label}: {100 * v['accuracy']:.2f}% ± {100 * v['ci95']:.2f} (training {v['train_s']:.0f} s)")
-        lines += [f"- paired difference bf16 − fp32: {100 * acc['diff']:+.2f} ± {100 * acc['diff_ci95']:.2f} points", ""]
+        for label, d in acc.get("diffs", {}).items():
+            lines.append(f"- paired difference {label} − fp32: {100 * d['diff']:+.2f} ± {100 * d['ci95']:.2f} points")
+        lines.append("")
     elif acc:
-        lines += [f"bf16 accuracy check skipped: {acc['skipped']}", ""]
+        lines += [f"speed-mode accuracy check skipped: {acc['skipped']}", ""]
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ def _add_train(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="CPU speed mode: NHWC convolutions (exact)")
     p.add_argument("--bf16", action="store_true",
                    help="CPU speed mode: bf16 autocast, float32 weights and meta-gradient (approximate)")
+    p.add_argument("--fused", action="store_true",
+                   help="CPU speed mode: fused BatchNorm+ReLU+MaxPool C++ kernels for conv blocks (same function)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop meta-training after this many minutes of wall clock (then meta-test)")
     p.add_argument("--seed", type=int, default=0)

@@ -72,6 +72,11 @@ class MetaLearner:
             inner-loop updates and the meta-gradient (accumulated over tasks) stay float32.
             Gradients are approximate (~1e-2 relative); check accuracy on your task (on Omniglot
             5-way 1-shot, ``fastmeta bench --full`` reports meta-test accuracy beside float32).
+        fused: opt-in CPU speed mode for conv nets: every ``BatchNorm2d (batch statistics), ReLU,
+            MaxPool2d(2)`` run inside an ``nn.Sequential`` (each block of Conv-4) goes through one
+            fused C++ kernel per pass (:mod:`fastmeta.fused`); the model object is not modified.
+            Same function; float32 gradients differ from ATen's by rounding (~1e-6 relative);
+            second-order terms use ATen's double backward.
         process_group: shard the meta-batch's tasks over the ranks of a ``torch.distributed``
             group. ``None``: the default group when torch.distributed is initialized with more
             than one rank, else one process. Each rank passes ITS shard to ``step``/
@@ -99,7 +104,7 @@ class MetaLearner:
 
     def __init__(self, model: nn.Module, algorithm: Algorithm, loss_fn="cross_entropy",
                  adapt: Adapt = "all", strategy: str = "auto", channels_last: bool = False, bf16: bool = False,
-                 process_group=None, feature_cache: Optional[bool] = None):
+                 fused: bool = False, process_group=None, feature_cache: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(algorithm, Algorithm):
@@ -131,7 +136,7 @@ class MetaLearner:
         # Opt-in CPU speed modes, passed to every Evaluator (validated there: bf16 needs float32).
         # Exact ANIL feature caching travels with them (every Evaluator of this learner is built
         # from this dict, including the one distributed.py rebuilds after rank 0's strategy choice).
-        self.speed_modes = dict(channels_last=channels_last, bf16=bf16)
+        self.speed_modes = dict(channels_last=channels_last, bf16=bf16, fused=fused)
         if self._feature_split is not None:
             self.speed_modes["feature_cache"] = self._feature_split
         Evaluator(model, self.layout, self.loss_fn, "loop", **self.speed_modes)

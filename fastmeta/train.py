@@ -213,4 +213,4 @@ def learner_from_config(cfg: dict, model, loss_fn, process_group=None) -> MetaLe
     speed modes); one place for training, checkpoints and the distributed driver."""
     return MetaLearner(model, build_algorithm(cfg), loss_fn=loss_fn, adapt=cfg.get("adapt", "all"),
                        strategy=cfg.get("strategy", "auto"), channels_last=bool(cfg.get("channels_last")),
-                       bf16=bool(cfg.get("bf16")), process_group=process_group)
+                       bf16=bool(cfg.get("bf16")), fused=bool(cfg.get("fused")), process_group=process_group)

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <string>
 
+#include "block_kernels.h"
 #include "row_kernels.h"
 
 namespace fastmeta::cpu::vec {
@@ -15,11 +16,17 @@ namespace fastmeta::cpu::vec {
 namespace baseline {
 extern const RowKernels<float> kF32;
 extern const RowKernels<double> kF64;
+extern const BlockKernels<float> kBlockF32;
+extern const BlockKernels<double> kBlockF64;
+extern const Bf16Kernels kBf16;
 }  // namespace baseline
 #if FASTMETA_VEC_AVX2
 namespace avx2 {
 extern const RowKernels<float> kF32;
 extern const RowKernels<double> kF64;
+extern const BlockKernels<float> kBlockF32;
+extern const BlockKernels<double> kBlockF64;
+extern const Bf16Kernels kBf16;
 }  // namespace avx2
 #endif
 
@@ -86,6 +93,27 @@ const RowKernels<double>& kernels_f64() {
   if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kF64;
 #endif
   return baseline::kF64;
+}
+
+const BlockKernels<float>& block_kernels_f32() {
+#if FASTMETA_VEC_AVX2
+  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBlockF32;
+#endif
+  return baseline::kBlockF32;
+}
+
+const BlockKernels<double>& block_kernels_f64() {
+#if FASTMETA_VEC_AVX2
+  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBlockF64;
+#endif
+  return baseline::kBlockF64;
+}
+
+const Bf16Kernels& bf16_kernels() {
+#if FASTMETA_VEC_AVX2
+  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBf16;
+#endif
+  return baseline::kBf16;
 }
 
 const char* active_isa() { return kernels_f32().isa; }

@@ -1,0 +1,61 @@
+// Torch-free per-channel kernels of the fused conv-block tail
+//     y = max_pool2d(relu(batch_norm(x, batch statistics) * gamma + beta), kernel 2, stride 2)
+// (the block of Conv-4 and most few-shot conv nets), compiled once per instruction set like the row
+// kernels (row_kernels.h) and chosen by the same run-time ISA switch.
+//
+// Layout: planes of an NCHW tensor (the forward and backward work plane by plane, in memory order);
+// the double backward works on one channel c: image i's H x W plane starts at x + i * img_stride,
+// and the pooled tensors follow the same pattern with their own image stride. idx[o] in {0, 1, 2, 3} is the position of the window's first maximum
+// (row-major: 0 = (0, 0), 1 = (0, 1), 2 = (1, 0), 3 = (1, 1)), the element max_pool2d's index
+// would name; 4 means the window's maximum is <= 0, so relu passes no gradient to any of it.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmeta::cpu::vec {
+
+template <typename T>
+struct BlockKernels {
+  // Statistics of one plane of n elements: *s1 += sum (x - shift), *s2 += sum (x - shift)^2.
+  void (*stats)(const T* x, int64_t n, T shift, double* s1, double* s2);
+  // Forward of one h x w plane: z = x * scale + shift (batch norm with the channel's statistics),
+  // relu, 2x2 max-pool: out and idx are the plane's [h/2, w/2] outputs.
+  void (*fwd_plane)(const T* x, int64_t h, int64_t w, T scale, T shift, T* out, uint8_t* idx);
+  // Backward pass 1 of one plane: dz is grad_out routed to each window's index (zero elsewhere);
+  // *sdz += sum dz, *sdzx += sum dz * (x - mean).
+  void (*bwd_sums)(const T* x, int64_t h, int64_t w, const T* grad_out, const uint8_t* idx, T mean, double* sdz,
+                   double* sdzx);
+  // Backward pass 2 of one plane: dx = c1 * (x - mean) + c0 + kg * dz, with the channel's
+  // constants from pass 1 (the batch-norm backward of Ioffe & Szegedy 2015, sec. 3: dx = gamma *
+  // invstd * (dz - mean(dz) - xhat * mean(dz * xhat))).
+  void (*dx_plane)(const T* x, int64_t h, int64_t w, const T* grad_out, const uint8_t* idx, T mean, T c1, T c0,
+                   T kg, T* dx);
+  // Double backward of one channel: the gradient of L = sum a * dx + a_gamma * dgamma + a_beta *
+  // dbeta (dx, dgamma, dbeta from bwd; a may be null = 0) with respect to grad_out (g_grad_out,
+  // pooled layout), x (g_x, through xhat, the mean and invstd) and gamma (*g_gamma). The window
+  // routing is piecewise constant in x, gamma and beta and contributes nothing. Formulas: see
+  // block_kernels_impl.h.
+  void (*bwd2)(const T* a, double a_gamma, double a_beta, const T* grad_out, const uint8_t* idx,
+               int64_t out_img_stride, const T* x, int64_t n, int64_t img_stride, int64_t h, int64_t w, T gamma,
+               double mean, double invstd, T* g_grad_out, T* g_x, double* g_gamma);
+};
+
+// bfloat16 <-> float32 for one plane (bf16 as its raw 16 bits): widening is exact; narrowing rounds
+// to nearest even (NaN stays NaN), as c10::BFloat16 does, but vectorized.
+struct Bf16Kernels {
+  void (*widen)(const uint16_t* src, float* dst, int64_t n);
+  void (*narrow)(const float* src, uint16_t* dst, int64_t n);
+};
+const Bf16Kernels& bf16_kernels();
+
+// The kernels of the active ISA (see row_kernels.h: set_isa / active_isa).
+const BlockKernels<float>& block_kernels_f32();
+const BlockKernels<double>& block_kernels_f64();
+template <typename T>
+inline const BlockKernels<T>& block_kernels();
+template <>
+inline const BlockKernels<float>& block_kernels<float>() { return block_kernels_f32(); }
+template <>
+inline const BlockKernels<double>& block_kernels<double>() { return block_kernels_f64(); }
+
+}  // namespace fastmeta::cpu::vec
