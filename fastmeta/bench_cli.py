@@ -28,7 +28,7 @@ FULL = dict(cases=[("sine", False, 30), ("conv4", False, 8), ("conv4", True, 8)]
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark fastmeta vs peers and the compute floor (markdown + PNG)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--full", action="store_true", help="full-size workloads, first+second order, RSS, bf16 accuracy")
+    p.add_argument("--full", action="store_true", help="full-size workloads, first+second order, RSS, speed-mode accuracy")
     p.add_argument("--out", default="bench_results", help="output folder for bench.md, bench.png, bench.json")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds per row (default: per workload)")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip higher/torchopt/learn2learn")

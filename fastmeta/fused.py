@@ -17,7 +17,7 @@ and tested against ATen's double backward). Like ATen's batch norm, it has no th
 :class:`FusionPlan` applies the fused tail to a model without changing it: it finds every
 ``BatchNorm2d, ReLU, MaxPool2d(2)`` run inside an ``nn.Sequential`` and, while active, routes those
 Sequentials' forward through :func:`bn_relu_pool` where it applies (CPU, float32/float64/bf16, NCHW
-contiguous input, batch statistics, no functorch transform, not compiling); anything else runs the
+or channels_last input, batch statistics, no functorch transform, not compiling); anything else runs the
 original modules. :class:`fastmeta.MetaLearner` ``(fused=True)`` uses it.
 """
 from __future__ import annotations
@@ -118,7 +118,8 @@ def bn_relu_pool(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tens
 
     Args:
         x: ``[N, C, H, W]`` float32/float64, or bfloat16 (computed in float32, as under CPU bf16
-            autocast), CPU; ``N * H * W > 1``. Other layouts are copied to NCHW first.
+            autocast), CPU; ``N * H * W > 1``. NCHW or channels_last (NHWC: the outputs and
+            ``dx`` are channels_last too); other layouts are copied to NCHW first.
         weight, bias: ``[C]`` of ``x``'s dtype (float32 for bfloat16 ``x``), or ``None`` (no
             affine transform).
         eps: added to the variance.
@@ -133,7 +134,9 @@ def bn_relu_pool(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tens
         raise RuntimeError(f"bn_relu_pool: the native extension is not available ({_extension.reason()})")
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"x: expected a [N, C, H, W] tensor, got {tuple(x.shape) if isinstance(x, Tensor) else x!r}")
-    return _BnReluPool.apply(x.contiguous(), weight, bias, float(eps))
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    return _BnReluPool.apply(x, weight, bias, float(eps))
 
 
 def _is_pool2(m: nn.Module) -> bool:
@@ -159,7 +162,8 @@ def _param_dtype(x: Tensor) -> torch.dtype:
 
 def _fusable_input(x: Tensor, bn: nn.BatchNorm2d) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and x.dim() == 4
-            and x.is_contiguous() and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and all(p is None or (p.dtype == _param_dtype(x) and p.device.type == "cpu") for p in (bn.weight, bn.bias))
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not torch.compiler.is_compiling())

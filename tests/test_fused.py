@@ -149,6 +149,31 @@ def test_zero_gradient_gives_zero():
     assert torch.equal(db, torch.zeros_like(db))
 
 
+@pytest.mark.parametrize("shape", [(5, 16, 28, 28), (3, 12, 9, 11), (2, 3, 7, 7), (4, 9, 6, 5), (2, 8, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_matches_aten(shape, dtype, isa):
+    # NHWC kernels: lanes over channels (16, 12 = one register + a scalar tail, 3 < one register,
+    # 9), odd H/W; outputs and dx stay channels_last.
+    x, w, b, go = make(shape, dtype)
+    xc, goc = x.contiguous(memory_format=torch.channels_last), go.contiguous(memory_format=torch.channels_last)
+    out, got = grads(lambda *a: bn_relu_pool(*a)[0], xc, w, b, goc)
+    ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5), x, w, b, go)
+    assert out.is_contiguous(memory_format=torch.channels_last) and got[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    for g_, r in zip(got, want):
+        torch.testing.assert_close(g_, r, **TOL[dtype])
+
+
+def test_channels_last_bf16_and_nan():
+    x, w, b, go = make((4, 16, 10, 10), torch.float32, ties=False)
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(bn_relu_pool(xb, w, b)[0], bn_relu_pool(xb.contiguous(), w, b)[0])
+    x[1, 3, 2, 2] = float("nan")
+    out = bn_relu_pool(x.contiguous(memory_format=torch.channels_last), w, b)[0]
+    assert out[:, 3].isnan().all() and not out[:, [0, 1, 2]].isnan().any()
+
+
 def test_non_contiguous_inputs():
     x, w, b, go = make((4, 6, 10, 12), torch.float64)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, not NCHW-contiguous
@@ -248,6 +273,17 @@ def test_fused_meta_gradient_matches_the_plain_loop(first_order, steps, adapt):
     learner = fastmeta.MetaLearner(model, algo, adapt=adapt, strategy="loop", fused=True)
     got = learner.meta_gradient(batch).grad
     assert rel_err(got, oracle(model, batch, 0.4, steps, first_order, adapt)) < 1e-9
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fused_channels_last_meta_gradient_matches_the_plain_loop(first_order):
+    torch.manual_seed(0)
+    model = Conv4(3, hidden=8).double()
+    batch = conv_batch()
+    learner = fastmeta.MetaLearner(model, fastmeta.MAML(0.4, 1, first_order=first_order), strategy="loop",
+                                   fused=True, channels_last=True)
+    got = learner.meta_gradient(batch).grad
+    assert rel_err(got, oracle(model, batch, 0.4, 1, first_order)) < 1e-9
 
 
 def test_fused_bf16_meta_gradient_is_float32_and_close():

@@ -6,13 +6,14 @@
 // images reach, works channel by channel.
 //
 // dtypes: float32 and float64 (weight/bias of x's dtype), and bfloat16 x with float32 weight/bias
-// (what a conv block produces under CPU bf16 autocast, like ATen's mixed-type batch norm): each
-// bf16 plane is widened into an L1-sized float buffer, computed in float, and rounded back (outputs
-// and dx in bf16; mean, invstd, dweight, dbias in float32).
+// (what a conv block produces under CPU bf16 autocast, like ATen's mixed-type batch norm): widened
+// to float32 in registers, computed in float32, outputs and dx rounded back to bf16 (mean, invstd,
+// dweight, dbias in float32).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 
+#include <limits>
 #include <type_traits>
 
 #include "common.h"
@@ -44,7 +45,8 @@ void check_x(const at::Tensor& x) {
               "fastmeta::bn_relu_pool: x must be float32, float64 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), "fastmeta::bn_relu_pool: x must be a CPU tensor");
   TORCH_CHECK(x.dim() == 4, "fastmeta::bn_relu_pool: x must be [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "fastmeta::bn_relu_pool: x must be contiguous (NCHW)");
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "fastmeta::bn_relu_pool: x must be contiguous (NCHW) or channels_last (NHWC)");
   TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 1,
               "fastmeta::bn_relu_pool: batch statistics need more than one value per channel, got x ", x.sizes());
 }
@@ -61,51 +63,96 @@ int64_t plane_grain(const at::Tensor& x) {
   return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, x.size(2) * x.size(3)));
 }
 
-// A plane of T as a pointer to its compute type: itself, or widened into `buf` for bf16.
-template <typename T>
-const acc_type<T>* widen(const T* p, int64_t n, std::vector<acc_type<T>>& buf) {
-  if constexpr (std::is_same_v<T, acc_type<T>>) {
-    return p;
-  } else {
-    buf.resize(static_cast<size_t>(n));
-    vec::bf16_kernels().widen(reinterpret_cast<const uint16_t*>(p), buf.data(), n);
-    return buf.data();
+// The plane kernels for storage type S: vec::block_kernels<S> for float/double, the bf16 table
+// (raw uint16 bits, float32 compute) for c10::BFloat16.
+template <typename S>
+struct Planes {
+  using A = acc_type<S>;
+  static constexpr bool kBf16 = !std::is_same_v<S, A>;
+  static const uint16_t* raw(const S* p) { return reinterpret_cast<const uint16_t*>(p); }
+  static uint16_t* raw(S* p) { return reinterpret_cast<uint16_t*>(p); }
+
+  static void stats(const S* x, int64_t n, A shift, double* s1, double* s2) {
+    if constexpr (kBf16) vec::block_kernels_bf16().stats(raw(x), n, shift, s1, s2);
+    else vec::block_kernels<A>().stats(x, n, shift, s1, s2);
   }
+  static void fwd(const S* x, int64_t h, int64_t w, A scale, A shift, S* out, uint8_t* idx) {
+    if constexpr (kBf16) vec::block_kernels_bf16().fwd_plane(raw(x), h, w, scale, shift, raw(out), idx);
+    else vec::block_kernels<A>().fwd_plane(x, h, w, scale, shift, out, idx);
+  }
+  static void sums(const S* x, int64_t h, int64_t w, const S* g, const uint8_t* idx, A mean, double* sdz,
+                   double* sdzx) {
+    if constexpr (kBf16) vec::block_kernels_bf16().bwd_sums(raw(x), h, w, raw(g), idx, mean, sdz, sdzx);
+    else vec::block_kernels<A>().bwd_sums(x, h, w, g, idx, mean, sdz, sdzx);
+  }
+  static void dx(const S* x, int64_t h, int64_t w, const S* g, const uint8_t* idx, A mean, A c1, A c0, A kg, S* dx) {
+    if constexpr (kBf16) vec::block_kernels_bf16().dx_plane(raw(x), h, w, raw(g), idx, mean, c1, c0, kg, raw(dx));
+    else vec::block_kernels<A>().dx_plane(x, h, w, g, idx, mean, c1, c0, kg, dx);
+  }
+  // channels_last: one image per call, per-channel constant arrays
+  static void stats_nhwc(const S* x, int64_t positions, int64_t c, const A* shift, double* s1, double* s2) {
+    if constexpr (kBf16) vec::block_kernels_bf16().stats_nhwc(raw(x), positions, c, shift, s1, s2);
+    else vec::block_kernels<A>().stats_nhwc(x, positions, c, shift, s1, s2);
+  }
+  static void fwd_nhwc(const S* x, int64_t h, int64_t w, int64_t c, const A* scale, const A* shift, S* out,
+                       uint8_t* idx) {
+    if constexpr (kBf16) vec::block_kernels_bf16().fwd_nhwc(raw(x), h, w, c, scale, shift, raw(out), idx);
+    else vec::block_kernels<A>().fwd_nhwc(x, h, w, c, scale, shift, out, idx);
+  }
+  static void sums_nhwc(const S* x, int64_t h, int64_t w, int64_t c, const S* g, const uint8_t* idx, const A* mean,
+                        double* sdz, double* sdzx) {
+    if constexpr (kBf16) vec::block_kernels_bf16().bwd_sums_nhwc(raw(x), h, w, c, raw(g), idx, mean, sdz, sdzx);
+    else vec::block_kernels<A>().bwd_sums_nhwc(x, h, w, c, g, idx, mean, sdz, sdzx);
+  }
+  static void dx_nhwc(const S* x, int64_t h, int64_t w, int64_t c, const S* g, const uint8_t* idx, const A* mean,
+                      const A* c1, const A* c0, const A* kg, S* dx) {
+    if constexpr (kBf16) vec::block_kernels_bf16().dx_nhwc(raw(x), h, w, c, raw(g), idx, mean, c1, c0, kg, raw(dx));
+    else vec::block_kernels<A>().dx_nhwc(x, h, w, c, g, idx, mean, c1, c0, kg, dx);
+  }
+};
+
+// channels_last (and not also NCHW-contiguous, as a 1-channel or 1x1 tensor is): the NHWC kernels.
+bool is_nhwc(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Where to compute a plane that ends in `out`: `out` itself, or `buf` (then narrowed by `narrow`).
-template <typename T>
-acc_type<T>* target(T* out, int64_t n, std::vector<acc_type<T>>& buf) {
-  if constexpr (std::is_same_v<T, acc_type<T>>) {
-    return out;
-  } else {
-    buf.resize(static_cast<size_t>(n));
-    return buf.data();
-  }
-}
-
-template <typename T>
-void narrow(const acc_type<T>* src, T* out, int64_t n) {
-  if constexpr (!std::is_same_v<T, acc_type<T>>)
-    vec::bf16_kernels().narrow(src, reinterpret_cast<uint16_t*>(out), n);  // round to nearest even
+// Per-channel sums over images for NHWC tensors: image_fn(i, s1, s2) adds image i's sums into the
+// [C] arrays s1, s2 of its thread. Returns them interleaved ([2C]: s1, s2 per channel) like
+// channel_sums.
+template <typename F>
+std::vector<double> channel_sums_nhwc(const at::Tensor& x, F image_fn) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const int threads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(threads) * c * 2, 0.0);
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, c * x.size(2) * x.size(3)));
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+    double* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * c * 2;
+    for (int64_t i = i0; i < i1; ++i) image_fn(i, mine, mine + c);
+  });
+  std::vector<double> total(static_cast<size_t>(c) * 2, 0.0);
+  for (int t = 0; t < threads; ++t)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      total[2 * ch] += partial[static_cast<size_t>(t) * c * 2 + ch];
+      total[2 * ch + 1] += partial[static_cast<size_t>(t) * c * 2 + c + ch];
+    }
+  return total;
 }
 
 // Per-channel sums over all N x C planes in memory order: each thread adds its planes into its own
 // row of `partial` ([threads, C, 2]); the rows are added at the end. Memory order (rather than one
 // channel's N strided planes at a time) lets the prefetchers stream the tensor: inside the Conv-4
 // MAML step the backward of the first block went from 2.2 to 0.9 ms per call, the forward from 1.0
-// to 0.6 ms. plane_fn(p, ch, s1, s2, scratch) handles plane p of channel ch.
-template <typename Scratch, typename F>
+// to 0.6 ms. plane_fn(p, ch, s1, s2) handles plane p of channel ch.
+template <typename F>
 std::vector<double> channel_sums(const at::Tensor& x, F plane_fn) {
   const int64_t n = x.size(0), c = x.size(1);
   const int threads = at::get_num_threads();
   std::vector<double> partial(static_cast<size_t>(threads) * c * 2, 0.0);
   at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
     double* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * c * 2;
-    Scratch scratch;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t ch = p % c;
-      plane_fn(p, ch, mine + 2 * ch, mine + 2 * ch + 1, scratch);
+      plane_fn(p, ch, mine + 2 * ch, mine + 2 * ch + 1);
     }
   });
   std::vector<double> total(static_cast<size_t>(c) * 2, 0.0);
@@ -113,11 +160,6 @@ std::vector<double> channel_sums(const at::Tensor& x, F plane_fn) {
     for (int64_t i = 0; i < 2 * c; ++i) total[i] += partial[static_cast<size_t>(t) * c * 2 + i];
   return total;
 }
-
-template <typename A>
-struct Buffers {
-  std::vector<A> x, g, out;
-};
 
 #define FASTMETA_DISPATCH_BLOCK(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
@@ -131,13 +173,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
   check_channel_param(bias, "bias", x);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t ho = h / 2, wo = w / 2, hw = h * w, howo = ho * wo;
-  at::Tensor out = at::empty({n, c, ho, wo}, x.options());
-  at::Tensor idx = at::empty({n, c, ho, wo}, x.options().dtype(at::kByte));
+  const bool nhwc = is_nhwc(x);
+  const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({n, c, ho, wo}, x.options().memory_format(layout));
+  at::Tensor idx = at::empty({n, c, ho, wo}, x.options().dtype(at::kByte).memory_format(layout));
   at::Tensor mean = at::empty({c}, x.options().dtype(param_dtype(x)));
   at::Tensor invstd = at::empty({c}, x.options().dtype(param_dtype(x)));
   FASTMETA_DISPATCH_BLOCK(x.scalar_type(), "bn_relu_pool_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto& k = vec::block_kernels<acc_t>();
+    using K = Planes<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const at::Tensor wc = weight.has_value() ? weight->contiguous() : at::Tensor();
     const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -145,11 +189,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
     const acc_t* bp = bc.defined() ? bc.const_data_ptr<acc_t>() : nullptr;
     // Statistics shifted by the channel's first element (near its mean), in one pass.
     std::vector<acc_t> shift0(c);
-    for (int64_t ch = 0; ch < c; ++ch) shift0[ch] = static_cast<acc_t>(xp[ch * hw]);
-    const std::vector<double> sums = channel_sums<Buffers<acc_t>>(
-        x, [&](int64_t p, int64_t ch, double* s1, double* s2, Buffers<acc_t>& b) {
-          k.stats(widen(xp + p * hw, hw, b.x), hw, shift0[ch], s1, s2);
-        });
+    for (int64_t ch = 0; ch < c; ++ch) shift0[ch] = static_cast<acc_t>(xp[nhwc ? ch : ch * hw]);  // x[0, ch, 0, 0]
+    const std::vector<double> sums =
+        nhwc ? channel_sums_nhwc(x, [&](int64_t i, double* s1, double* s2) {
+                 K::stats_nhwc(xp + i * hw * c, hw, c, shift0.data(), s1, s2);
+               })
+             : channel_sums(x, [&](int64_t p, int64_t ch, double* s1, double* s2) {
+                 K::stats(xp + p * hw, hw, shift0[ch], s1, s2);
+               });
     const double count = static_cast<double>(n * hw);
     std::vector<acc_t> scale(c), shift(c);
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
@@ -168,15 +215,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
     }
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     uint8_t* ip = idx.mutable_data_ptr<uint8_t>();
-    at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
-      Buffers<acc_t> b;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t ch = p % c;
-        acc_t* o = target(op + p * howo, howo, b.out);
-        k.fwd_plane(widen(xp + p * hw, hw, b.x), h, w, scale[ch], shift[ch], o, ip + p * howo);
-        narrow(o, op + p * howo, howo);
+    if (nhwc) {
+      at::parallel_for(0, n, std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, hw * c)),
+                       [&](int64_t i0, int64_t i1) {
+                         for (int64_t i = i0; i < i1; ++i)
+                           K::fwd_nhwc(xp + i * hw * c, h, w, c, scale.data(), shift.data(), op + i * howo * c,
+                                       ip + i * howo * c);
+                       });
+      // The NCHW plane kernel NaN-fills a channel whose statistics are not finite (as ATen's
+      // output is then); the NHWC kernel does not test per element, so it is done here.
+      for (int64_t ch = 0; ch < c; ++ch) {
+        if (std::isfinite(static_cast<double>(scale[ch])) && std::isfinite(static_cast<double>(shift[ch]))) continue;
+        for (int64_t q = 0; q < n * howo; ++q) {
+          op[q * c + ch] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+          ip[q * c + ch] = 4;
+        }
       }
-    });
+    } else {
+      at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t ch = p % c;
+          K::fwd(xp + p * hw, h, w, scale[ch], shift[ch], op + p * howo, ip + p * howo);
+        }
+      });
+    }
   });
   return {out, idx, mean, invstd};
 }
@@ -191,14 +253,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
   check_pooled(grad_out_in, "grad_out", x, x.scalar_type(), "bn_relu_pool_backward");
   check_pooled(idx_in, "idx", x, at::kByte, "bn_relu_pool_backward");
   TORCH_CHECK(mean.numel() == c && invstd.numel() == c, "fastmeta::bn_relu_pool_backward: mean and invstd must be [C]");
-  const at::Tensor g = grad_out_in.contiguous();
-  const at::Tensor idx = idx_in.contiguous();
-  at::Tensor dx = at::empty_like(x);
+  const bool nhwc = is_nhwc(x);
+  const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor g = grad_out_in.contiguous(layout);
+  const at::Tensor idx = idx_in.contiguous(layout);
+  at::Tensor dx = at::empty_like(x, x.options(), layout);
   at::Tensor dw = at::empty({c}, x.options().dtype(param_dtype(x)));
   at::Tensor db = at::empty({c}, x.options().dtype(param_dtype(x)));
   FASTMETA_DISPATCH_BLOCK(x.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto& k = vec::block_kernels<acc_t>();
+    using K = Planes<scalar_t>;
     const at::Tensor wc = weight.has_value() ? weight->contiguous() : at::Tensor();
     const acc_t* wp = wc.defined() ? wc.const_data_ptr<acc_t>() : nullptr;
     const at::Tensor mc = mean.to(at::kDouble).contiguous(), sc = invstd.to(at::kDouble).contiguous();
@@ -209,11 +273,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     std::vector<acc_t> mean_t(c);
     for (int64_t ch = 0; ch < c; ++ch) mean_t[ch] = static_cast<acc_t>(mp[ch]);
-    const std::vector<double> sums = channel_sums<Buffers<acc_t>>(
-        x, [&](int64_t p, int64_t ch, double* sdz, double* sdzx, Buffers<acc_t>& b) {
-          k.bwd_sums(widen(xp + p * hw, hw, b.x), h, w, widen(gp + p * howo, howo, b.g), ip + p * howo, mean_t[ch], sdz,
-                     sdzx);
-        });
+    const std::vector<double> sums =
+        nhwc ? channel_sums_nhwc(x, [&](int64_t i, double* sdz, double* sdzx) {
+                 K::sums_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(), sdz, sdzx);
+               })
+             : channel_sums(x, [&](int64_t p, int64_t ch, double* sdz, double* sdzx) {
+                 K::sums(xp + p * hw, h, w, gp + p * howo, ip + p * howo, mean_t[ch], sdz, sdzx);
+               });
     const double count = static_cast<double>(n * hw);
     std::vector<acc_t> c1(c), c0(c), kg(c);
     acc_t* dwp = dw.mutable_data_ptr<acc_t>();
@@ -229,16 +295,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
       kg[ch] = static_cast<acc_t>(k_ch);
     }
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
-      Buffers<acc_t> b;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t ch = p % c;
-        acc_t* d = target(dxp + p * hw, hw, b.out);
-        k.dx_plane(widen(xp + p * hw, hw, b.x), h, w, widen(gp + p * howo, howo, b.g), ip + p * howo, mean_t[ch],
-                   c1[ch], c0[ch], kg[ch], d);
-        narrow(d, dxp + p * hw, hw);
-      }
-    });
+    if (nhwc) {
+      at::parallel_for(0, n, std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, hw * c)),
+                       [&](int64_t i0, int64_t i1) {
+                         for (int64_t i = i0; i < i1; ++i)
+                           K::dx_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(),
+                                      c1.data(), c0.data(), kg.data(), dxp + i * hw * c);
+                       });
+    } else {
+      at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t ch = p % c;
+          K::dx(xp + p * hw, h, w, gp + p * howo, ip + p * howo, mean_t[ch], c1[ch], c0[ch], kg[ch], dxp + p * hw);
+        }
+      });
+    }
   });
   return {dx, dw, db};
 }

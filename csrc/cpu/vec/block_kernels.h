@@ -30,6 +30,14 @@ struct BlockKernels {
   // invstd * (dz - mean(dz) - xhat * mean(dz * xhat))).
   void (*dx_plane)(const T* x, int64_t h, int64_t w, const T* grad_out, const uint8_t* idx, T mean, T c1, T c0,
                    T kg, T* dx);
+  // The same for channels_last tensors, one image ([h, w, c] in memory) per call, with per-channel
+  // constant arrays of c.
+  void (*stats_nhwc)(const T* x, int64_t positions, int64_t c, const T* shift, double* s1, double* s2);
+  void (*fwd_nhwc)(const T* x, int64_t h, int64_t w, int64_t c, const T* scale, const T* shift, T* out, uint8_t* idx);
+  void (*bwd_sums_nhwc)(const T* x, int64_t h, int64_t w, int64_t c, const T* grad_out, const uint8_t* idx,
+                        const T* mean, double* sdz, double* sdzx);
+  void (*dx_nhwc)(const T* x, int64_t h, int64_t w, int64_t c, const T* grad_out, const uint8_t* idx, const T* mean,
+                  const T* c1, const T* c0, const T* kg, T* dx);
   // Double backward of one channel: the gradient of L = sum a * dx + a_gamma * dgamma + a_beta *
   // dbeta (dx, dgamma, dbeta from bwd; a may be null = 0) with respect to grad_out (g_grad_out,
   // pooled layout), x (g_x, through xhat, the mean and invstd) and gamma (*g_gamma). The window
@@ -40,13 +48,25 @@ struct BlockKernels {
                double mean, double invstd, T* g_grad_out, T* g_x, double* g_gamma);
 };
 
-// bfloat16 <-> float32 for one plane (bf16 as its raw 16 bits): widening is exact; narrowing rounds
-// to nearest even (NaN stays NaN), as c10::BFloat16 does, but vectorized.
-struct Bf16Kernels {
-  void (*widen)(const uint16_t* src, float* dst, int64_t n);
-  void (*narrow)(const float* src, uint16_t* dst, int64_t n);
+// The forward and backward plane kernels for bfloat16 activations (its raw uint16 bits), computed
+// in float32 with float32 per-channel constants: widened in registers, outputs rounded to nearest
+// even (NaN stays NaN), as c10::BFloat16 does.
+struct BlockKernelsBf16 {
+  void (*stats)(const uint16_t* x, int64_t n, float shift, double* s1, double* s2);
+  void (*fwd_plane)(const uint16_t* x, int64_t h, int64_t w, float scale, float shift, uint16_t* out, uint8_t* idx);
+  void (*bwd_sums)(const uint16_t* x, int64_t h, int64_t w, const uint16_t* grad_out, const uint8_t* idx, float mean,
+                   double* sdz, double* sdzx);
+  void (*dx_plane)(const uint16_t* x, int64_t h, int64_t w, const uint16_t* grad_out, const uint8_t* idx, float mean,
+                   float c1, float c0, float kg, uint16_t* dx);
+  void (*stats_nhwc)(const uint16_t* x, int64_t positions, int64_t c, const float* shift, double* s1, double* s2);
+  void (*fwd_nhwc)(const uint16_t* x, int64_t h, int64_t w, int64_t c, const float* scale, const float* shift,
+                   uint16_t* out, uint8_t* idx);
+  void (*bwd_sums_nhwc)(const uint16_t* x, int64_t h, int64_t w, int64_t c, const uint16_t* grad_out,
+                        const uint8_t* idx, const float* mean, double* sdz, double* sdzx);
+  void (*dx_nhwc)(const uint16_t* x, int64_t h, int64_t w, int64_t c, const uint16_t* grad_out, const uint8_t* idx,
+                  const float* mean, const float* c1, const float* c0, const float* kg, uint16_t* dx);
 };
-const Bf16Kernels& bf16_kernels();
+const BlockKernelsBf16& block_kernels_bf16();
 
 // The kernels of the active ISA (see row_kernels.h: set_isa / active_isa).
 const BlockKernels<float>& block_kernels_f32();

@@ -18,7 +18,7 @@ extern const RowKernels<float> kF32;
 extern const RowKernels<double> kF64;
 extern const BlockKernels<float> kBlockF32;
 extern const BlockKernels<double> kBlockF64;
-extern const Bf16Kernels kBf16;
+extern const BlockKernelsBf16 kBlockBf16;
 }  // namespace baseline
 #if FASTMETA_VEC_AVX2
 namespace avx2 {
@@ -26,7 +26,7 @@ extern const RowKernels<float> kF32;
 extern const RowKernels<double> kF64;
 extern const BlockKernels<float> kBlockF32;
 extern const BlockKernels<double> kBlockF64;
-extern const Bf16Kernels kBf16;
+extern const BlockKernelsBf16 kBlockBf16;
 }  // namespace avx2
 #endif
 
@@ -109,11 +109,11 @@ const BlockKernels<double>& block_kernels_f64() {
   return baseline::kBlockF64;
 }
 
-const Bf16Kernels& bf16_kernels() {
+const BlockKernelsBf16& block_kernels_bf16() {
 #if FASTMETA_VEC_AVX2
-  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBf16;
+  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBlockBf16;
 #endif
-  return baseline::kBf16;
+  return baseline::kBlockBf16;
 }
 
 const char* active_isa() { return kernels_f32().isa; }

@@ -8,10 +8,17 @@ namespace fastmeta::cpu::vec::baseline {
 extern const RowKernels<float> kF32 = {"default", sumsq_t<float>, axpy_t<float>, combine_t<float>};
 extern const RowKernels<double> kF64 = {"default", sumsq_t<double>, axpy_t<double>, combine_t<double>};
 
-extern const BlockKernels<float> kBlockF32 = {stats_t<float>, fwd_plane_t<float>, bwd_sums_t<float>, dx_plane_t<float>,
-                                                    block_bwd2_t<float>};
-extern const BlockKernels<double> kBlockF64 = {stats_t<double>, fwd_plane_t<double>, bwd_sums_t<double>, dx_plane_t<double>,
-                                                    block_bwd2_t<double>};
-extern const Bf16Kernels kBf16 = {widen_bf16_t, narrow_bf16_t};
+extern const BlockKernels<float> kBlockF32 = {
+    stats_t<float, float>,      fwd_plane_t<float, float>,   bwd_sums_t<float, float>,      dx_plane_t<float, float>,
+    stats_nhwc_t<float, float>, fwd_nhwc_t<float, float>,    bwd_sums_nhwc_t<float, float>, dx_nhwc_t<float, float>,
+    block_bwd2_t<float>};
+extern const BlockKernels<double> kBlockF64 = {
+    stats_t<double, double>,      fwd_plane_t<double, double>, bwd_sums_t<double, double>,
+    dx_plane_t<double, double>,   stats_nhwc_t<double, double>, fwd_nhwc_t<double, double>,
+    bwd_sums_nhwc_t<double, double>, dx_nhwc_t<double, double>, block_bwd2_t<double>};
+extern const BlockKernelsBf16 kBlockBf16 = {
+    stats_t<float, uint16_t>,      fwd_plane_t<float, uint16_t>, bwd_sums_t<float, uint16_t>,
+    dx_plane_t<float, uint16_t>,   stats_nhwc_t<float, uint16_t>, fwd_nhwc_t<float, uint16_t>,
+    bwd_sums_nhwc_t<float, uint16_t>, dx_nhwc_t<float, uint16_t>};
 
 }  // namespace fastmeta::cpu::vec::baseline
