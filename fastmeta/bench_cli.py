@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip higher/torchopt/learn2learn")
     p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip peak-RSS subprocesses")
     p.add_argument("--accuracy-steps", type=int, default=200, help="--full: meta-training steps per mode")
+    p.add_argument("--accuracy-seeds", type=int, default=3, help="--full: training seeds per mode")
     p.set_defaults(func=run)
 
 
@@ -70,7 +71,7 @@ def run(args) -> int:
                     row["rss_mib"] = common.peak_rss_subprocess(key, name, fo)
         print(peers.format_rows(res), flush=True)
         results.append(res)
-    acc = accuracy_check(common, args.accuracy_steps) if preset["accuracy"] else None
+    acc = accuracy_check(common, args.accuracy_steps, args.accuracy_seeds) if preset["accuracy"] else None
     payload = dict(command=command, machine=mach, results=results, accuracy=acc,
                    date=time.strftime("%Y-%m-%d %H:%M"))
     (out / "bench.json").write_text(json.dumps(payload, indent=1, default=str))
@@ -81,10 +82,17 @@ def run(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- accuracy
-def accuracy_check(common, steps: int, meta_batch: int = 8, test_tasks: int = 200) -> dict | None:
+# Two-sided 95% Student t quantiles for the mean over a few seeds (degrees of freedom = seeds - 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def accuracy_check(common, steps: int, seeds: int = 3, meta_batch: int = 8, test_tasks: int = 400) -> dict | None:
     """Meta-train Conv-4 MAML on Omniglot 5w1s in float32, in the fused float32 speed mode and in
-    the fused bf16 speed mode from the same seed on the same tasks; meta-test all on the same
-    held-out-alphabet tasks (paired differences against float32)."""
+    the fused bf16 speed mode, each from the same seeds on the same tasks; meta-test all on the same
+    held-out-alphabet tasks. The differences to float32 are paired per seed (same initial weights,
+    same task stream, same test tasks); the seed-to-seed spread of those differences gives the 95%
+    interval (Student t), because training itself amplifies rounding differences: two runs of the
+    same function in float32 that differ only in summation order end up a point or more apart."""
     import torch
 
     import fastmeta
@@ -94,30 +102,35 @@ def accuracy_check(common, steps: int, meta_batch: int = 8, test_tasks: int = 20
     if data is None:
         return dict(skipped="Omniglot subsets not found")
     train, _, test = split_alphabets(data.alphabets, n_test=max(1, len(data.alphabets) // 4))
-    res = {}
-    for label, mode in (("fp32", {}), ("fp32 fused", dict(fused=True)), ("bf16+fused", dict(bf16=True, fused=True))):
-        torch.manual_seed(0)
-        model = fastmeta.Conv4(5)
-        learner = fastmeta.MetaLearner(model, fastmeta.MAML(0.4), strategy="loop", **mode)
-        opt = torch.optim.Adam(model.parameters(), 1e-3)
-        tasks = OmniglotTasks(data, train, ways=5, shots=1, queries=15, rotations=True, seed=0)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            opt.zero_grad()
-            learner.step(tasks.sample(meta_batch))
-            opt.step()
-        secs = time.perf_counter() - t0
-        r = learner.evaluate(OmniglotTasks(data, test, ways=5, shots=1, queries=15, seed=1).sample(test_tasks))
-        res[label] = dict(accuracy=r.accuracy, ci95=r.accuracy_ci95, train_s=secs, per_task=r.per_task_accuracy)
-        print(f"  accuracy {label}: {100 * r.accuracy:.2f}% ± {100 * r.accuracy_ci95:.2f} ({secs:.0f} s training)", flush=True)
+    test_batch = OmniglotTasks(data, test, ways=5, shots=1, queries=15, seed=1).sample(test_tasks)
+    modes = (("fp32", {}), ("fp32 fused", dict(fused=True)), ("bf16+fused", dict(bf16=True, fused=True)))
+    runs = {label: [] for label, _ in modes}
+    for seed in range(seeds):
+        for label, mode in modes:
+            torch.manual_seed(seed)
+            model = fastmeta.Conv4(5)
+            learner = fastmeta.MetaLearner(model, fastmeta.MAML(0.4), strategy="loop", **mode)
+            opt = torch.optim.Adam(model.parameters(), 1e-3)
+            tasks = OmniglotTasks(data, train, ways=5, shots=1, queries=15, rotations=True, seed=seed)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.zero_grad()
+                learner.step(tasks.sample(meta_batch))
+                opt.step()
+            secs = time.perf_counter() - t0
+            r = learner.evaluate(test_batch)
+            runs[label].append(dict(accuracy=float(r.accuracy), train_s=secs))
+            print(f"  seed {seed} accuracy {label}: {100 * r.accuracy:.2f}% ({secs:.0f} s training)", flush=True)
+    res = {label: dict(accuracy=sum(x["accuracy"] for x in v) / seeds, per_seed=[x["accuracy"] for x in v],
+                       train_s=sum(x["train_s"] for x in v) / seeds) for label, v in runs.items()}
     diffs = {}
     for label in res:
-        if label != "fp32":
-            d = res[label]["per_task"] - res["fp32"]["per_task"]
-            diffs[label] = dict(diff=float(d.mean()), ci95=float(1.96 * d.std() / d.numel() ** 0.5))
-    for v in res.values():
-        v.pop("per_task")
-    return dict(modes=res, diffs=diffs, steps=steps, meta_batch=meta_batch, test_tasks=test_tasks)
+        if label == "fp32":
+            continue
+        d = torch.tensor(res[label]["per_seed"]) - torch.tensor(res["fp32"]["per_seed"])
+        half = _T95.get(seeds - 1, 1.96) * float(d.std()) / seeds ** 0.5 if seeds > 1 else float("nan")
+        diffs[label] = dict(diff=float(d.mean()), ci95=half, per_seed=d.tolist())
+    return dict(modes=res, diffs=diffs, steps=steps, seeds=seeds, meta_batch=meta_batch, test_tasks=test_tasks)
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -151,11 +164,16 @@ def markdown(payload: dict) -> str:
     acc = payload.get("accuracy")
     if acc and "modes" in acc:
         lines += [f"**Speed-mode accuracy check** (Conv-4 MAML, Omniglot 5w1s, {acc['steps']} steps × meta-batch "
-                  f"{acc['meta_batch']}, same seed; meta-test on {acc['test_tasks']} held-out-alphabet tasks):", ""]
+                  f"{acc['meta_batch']}, seeds 0-{acc['seeds'] - 1}, the same seeds and task streams for every mode; "
+                  f"meta-test on the same {acc['test_tasks']} held-out-alphabet tasks):", ""]
         for label, v in acc["modes"].items():
-            lines.append(f"- {label}: {100 * v['accuracy']:.2f}% ± {100 * v['ci95']:.2f} (training {v['train_s']:.0f} s)")
+            per = ", ".join(f"{100 * a:.2f}" for a in v["per_seed"])
+            lines.append(f"- {label}: {100 * v['accuracy']:.2f}% mean over seeds ({per}); "
+                         f"training {v['train_s']:.0f} s per run")
         for label, d in acc.get("diffs", {}).items():
-            lines.append(f"- paired difference {label} − fp32: {100 * d['diff']:+.2f} ± {100 * d['ci95']:.2f} points")
+            per = ", ".join(f"{100 * x:+.2f}" for x in d["per_seed"])
+            lines.append(f"- paired difference {label} − fp32: {100 * d['diff']:+.2f} ± {100 * d['ci95']:.2f} points "
+                         f"(95% t-interval over seeds; per seed {per})")
         lines.append("")
     elif acc:
         lines += [f"speed-mode accuracy check skipped: {acc['skipped']}", ""]

@@ -47,6 +47,18 @@ def test_markdown_reports_wrong_and_skipped_rows():
     assert "| learn2learn | — |" in md and "skipped: does not build" in md
 
 
+def test_markdown_reports_accuracy_per_seed():
+    acc = dict(steps=10, seeds=2, meta_batch=4, test_tasks=50,
+               modes={"fp32": dict(accuracy=0.75, per_seed=[0.74, 0.76], train_s=3.0),
+                      "bf16+fused": dict(accuracy=0.74, per_seed=[0.73, 0.75], train_s=1.0)},
+               diffs={"bf16+fused": dict(diff=-0.01, ci95=0.02, per_seed=[-0.01, -0.01])})
+    payload = dict(command="c", date="d", accuracy=acc, results=[],
+                   machine=dict(cpu="cpu", isa="", cores=2, threads=2, torch="t", python="p", load1=1.0, cuda=False))
+    md = bench_cli.markdown(payload)
+    assert "- bf16+fused: 74.00% mean over seeds (73.00, 75.00)" in md
+    assert "paired difference bf16+fused − fp32: -1.00 ± 2.00 points" in md and "per seed -1.00, -1.00" in md
+
+
 def test_profile_step_writes_trace_with_fastmeta_ranges(tmp_path):
     import importlib.util
     from pathlib import Path
