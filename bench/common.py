@@ -356,6 +356,7 @@ FASTMETA_MODES = {
     "fastmeta bf16": dict(bf16=True),
     "fastmeta fused": dict(fused=True),
     "fastmeta fused+bf16": dict(fused=True, bf16=True),
+    "fastmeta fused+bf16+channels_last": dict(fused=True, bf16=True, channels_last=True),
 }
 PEERS = {"higher": make_higher, "torchopt": make_torchopt, "learn2learn": make_learn2learn}
 
