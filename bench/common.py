@@ -416,22 +416,32 @@ def smoke(config) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def time_interleaved(fns: dict[str, Callable], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+def time_interleaved(fns: dict[str, Callable], rounds: int, warmup: int = 1,
+                     settle_seconds: float = 0.01, max_settle: int = 10) -> dict[str, list[float]]:
     """Round-robin timing: each round times every function once (seconds per call).
 
-    Each timed call directly follows an untimed call of the same function, as step t follows step
-    t-1 in a training loop. Timing the first call after a different implementation instead let
-    the order decide: on the sine MLP, fastmeta always ran right after torchopt's 12 ms step (0.88 ms
-    there, 0.80 ms after its own step) and the compute floor right after fastmeta, whose data it
-    shares (0.70 ms) -- 1.26x apart instead of the 1.15x both show after their own steps.
+    Each timed call directly follows untimed calls of the same function -- as many as take about
+    ``settle_seconds`` (at least 1, at most ``max_settle``; measured on the warm-up call) -- as
+    step t follows steps t-1, t-2, ... in a training loop. Timing the first call after a different
+    implementation let the order decide: on the sine MLP, fastmeta always ran right after
+    torchopt's 12 ms step (0.88 ms there, 0.80 ms after its own step) and the compute floor right
+    after fastmeta, whose data it shares (0.70 ms) -- 1.26x apart instead of the 1.15x both show
+    after their own steps. One settling call was not quite enough either: after the peers' 12-25
+    ms steps, a ~1 ms step still ran ~4% slow on its second call (sine, min of 30 rounds,
+    fastmeta/floor: 1.16-1.18x with one settling call, 1.13-1.14x with ten; each step of Conv-4
+    (0.2-0.7 s) gets one, as before).
     """
+    settle = {}
     for _ in range(warmup):
-        for f in fns.values():
+        for k, f in fns.items():
+            t0 = time.perf_counter()
             f()
+            settle[k] = max(1, min(max_settle, int(settle_seconds / max(time.perf_counter() - t0, 1e-9))))
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            f()
+            for _ in range(settle.get(k, 1)):
+                f()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
