@@ -244,6 +244,12 @@ def test_plan_skips_what_it_cannot_fuse():
     with plan.active():
         got = torch.func.vmap(model)(x.unsqueeze(1))
     model.train()
+    # a hook on one of the three modules must still run: that run is not fused
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with plan.active():
+        model(x)
+    assert seen == [torch.Size([3, 4, 8, 8])]
 
 
 def test_plan_updates_running_statistics_like_batch_norm():
