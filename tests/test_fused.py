@@ -158,7 +158,8 @@ def test_channels_last_matches_aten(shape, dtype, isa):
     xc, goc = x.contiguous(memory_format=torch.channels_last), go.contiguous(memory_format=torch.channels_last)
     out, got = grads(lambda *a: bn_relu_pool(*a)[0], xc, w, b, goc)
     ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5), x, w, b, go)
-    assert out.is_contiguous(memory_format=torch.channels_last) and got[0].is_contiguous(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    assert out.is_contiguous(memory_format=cl) and got[0].is_contiguous(memory_format=cl)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     for g_, r in zip(got, want):
         torch.testing.assert_close(g_, r, **TOL[dtype])

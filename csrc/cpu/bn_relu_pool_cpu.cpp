@@ -317,7 +317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
     const std::optional<at::Tensor>& ggx_in, const std::optional<at::Tensor>& ggw_in,
     const std::optional<at::Tensor>& ggb_in, const at::Tensor& grad_out_in, const at::Tensor& x_in,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& idx_in) {
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& idx_in) {
   check_x(x_in);
   check_channel_param(weight, "weight", x_in);
   check_channel_param(ggw_in, "ggw", x_in);

@@ -1,13 +1,15 @@
-// Torch-free per-channel kernels of the fused conv-block tail
+// Torch-free kernels of the fused conv-block tail
 //     y = max_pool2d(relu(batch_norm(x, batch statistics) * gamma + beta), kernel 2, stride 2)
 // (the block of Conv-4 and most few-shot conv nets), compiled once per instruction set like the row
 // kernels (row_kernels.h) and chosen by the same run-time ISA switch.
 //
-// Layout: planes of an NCHW tensor (the forward and backward work plane by plane, in memory order);
-// the double backward works on one channel c: image i's H x W plane starts at x + i * img_stride,
-// and the pooled tensors follow the same pattern with their own image stride. idx[o] in {0, 1, 2, 3} is the position of the window's first maximum
-// (row-major: 0 = (0, 0), 1 = (0, 1), 2 = (1, 0), 3 = (1, 1)), the element max_pool2d's index
-// would name; 4 means the window's maximum is <= 0, so relu passes no gradient to any of it.
+// Layout: the forward and backward work on the H x W planes of an NCHW tensor (in memory order) or
+// on one image of a channels_last tensor; the double backward works on one channel c of an NCHW
+// tensor: image i's plane starts at x + i * img_stride, and the pooled tensors follow the same
+// pattern with their own image stride. idx[o] in {0, 1, 2, 3} is the position of the window's
+// first maximum (row-major: 0 = (0, 0), 1 = (0, 1), 2 = (1, 0), 3 = (1, 1)), the element
+// max_pool2d's index would name; 4 means the window's maximum is <= 0, so relu passes no gradient
+// to any of it.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +41,7 @@ struct BlockKernels {
   void (*dx_nhwc)(const T* x, int64_t h, int64_t w, int64_t c, const T* grad_out, const uint8_t* idx, const T* mean,
                   const T* c1, const T* c0, const T* kg, T* dx);
   // Double backward of one channel: the gradient of L = sum a * dx + a_gamma * dgamma + a_beta *
-  // dbeta (dx, dgamma, dbeta from bwd; a may be null = 0) with respect to grad_out (g_grad_out,
+  // dbeta (dx, dgamma, dbeta of the backward; a may be null = 0) with respect to grad_out (g_grad_out,
   // pooled layout), x (g_x, through xhat, the mean and invstd) and gamma (*g_gamma). The window
   // routing is piecewise constant in x, gamma and beta and contributes nothing. Formulas: see
   // block_kernels_impl.h.

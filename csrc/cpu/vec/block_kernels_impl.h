@@ -386,7 +386,7 @@ void dx_plane_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8
 }
 
 // ---------------------------------------------------------------------------------------- NHWC
-// The same three passes for channels_last tensors ([N, H, W, C] in memory; the channels_last speed
+// The same passes for channels_last tensors ([N, H, W, C] in memory; the channels_last speed
 // mode, where oneDNN's convolutions are 13-15% faster here). One image per call; the lanes run
 // over channels, so every load is contiguous and no shuffles are needed. Channels past the last
 // full register go through the same code one lane at a time.
@@ -560,7 +560,8 @@ void dx_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_out, c
         const T gk = kg[ch] * to_acc(grad_out[o + ch]);
         const int64_t q[4] = {q00, q01, q10, q11};
         for (int e = 0; e < 4; ++e)
-          from_acc((to_acc(x[q[e] * c + ch]) - mean[ch]) * c1[ch] + c0v[ch] + (kk == e ? gk : T(0)), dx + q[e] * c + ch);
+          from_acc((to_acc(x[q[e] * c + ch]) - mean[ch]) * c1[ch] + c0v[ch] + (kk == e ? gk : T(0)),
+                   dx + q[e] * c + ch);
       }
     }
     if (w % 2 == 1) {  // the last column is in no window
@@ -571,9 +572,9 @@ void dx_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_out, c
   for (int64_t pos = 2 * ho * w; pos < h * w; ++pos) dense(pos);  // odd h: the last row
 }
 
-// Double backward (second-order MAML differentiates the inner gradient, i.e. bwd). Per channel,
-// with M elements, s = invstd, xhat = (x - mean) s, dz the routed gradient, db = sum dz,
-// dg = sum dz xhat, and bwd's dx = gamma s (dz - db / M - xhat dg / M): for
+// Double backward (second-order MAML differentiates the inner gradient, i.e. the backward). Per
+// channel, with M elements, s = invstd, xhat = (x - mean) s, dz the routed gradient, db = sum dz,
+// dg = sum dz xhat, and the backward's dx = gamma s (dz - db / M - xhat dg / M): for
 // L = sum a dx + a_gamma dg + a_beta db, with A = sum a, AX = sum a xhat, ADZ = sum a dz,
 //   dL/d dz_j  = gamma s (a_j - A / M - xhat_j AX / M) + a_gamma xhat_j + a_beta
 //   dL/d gamma = s P,  P = ADZ - db A / M - dg AX / M
