@@ -58,11 +58,6 @@ void check_pooled(const at::Tensor& t, const char* name, const at::Tensor& x, at
               t.scalar_type());
 }
 
-// Planes per work item: enough elements that waking a thread pays (common.h: kSerialElements).
-int64_t plane_grain(const at::Tensor& x) {
-  return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, x.size(2) * x.size(3)));
-}
-
 // The plane kernels for storage type S: vec::block_kernels<S> for float/double, the bf16 table
 // (raw uint16 bits, float32 compute) for c10::BFloat16.
 template <typename S>
@@ -116,48 +111,35 @@ bool is_nhwc(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Per-channel sums over images for NHWC tensors: image_fn(i, s1, s2) adds image i's sums into the
-// [C] arrays s1, s2 of its thread. Returns them interleaved ([2C]: s1, s2 per channel) like
-// channel_sums.
+// The work items of every pass: the H x W planes of an NCHW tensor (N x C of them, in memory order:
+// rather than one channel's N strided planes at a time, which let the prefetchers stream the
+// tensor: inside the Conv-4 MAML step the backward of the first block went from 2.2 to 0.9 ms per
+// call, the forward from 1.0 to 0.6 ms), or the images of a channels_last one (N). fn(i) handles
+// item i; enough items per work chunk that waking a thread pays (common.h: kSerialElements).
 template <typename F>
-std::vector<double> channel_sums_nhwc(const at::Tensor& x, F image_fn) {
-  const int64_t n = x.size(0), c = x.size(1);
-  const int threads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(threads) * c * 2, 0.0);
-  const int64_t grain = std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, c * x.size(2) * x.size(3)));
-  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
-    double* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * c * 2;
-    for (int64_t i = i0; i < i1; ++i) image_fn(i, mine, mine + c);
-  });
-  std::vector<double> total(static_cast<size_t>(c) * 2, 0.0);
-  for (int t = 0; t < threads; ++t)
-    for (int64_t ch = 0; ch < c; ++ch) {
-      total[2 * ch] += partial[static_cast<size_t>(t) * c * 2 + ch];
-      total[2 * ch + 1] += partial[static_cast<size_t>(t) * c * 2 + c + ch];
-    }
-  return total;
+void for_items(const at::Tensor& x, bool nhwc, F fn) {
+  const int64_t count = nhwc ? x.size(0) : x.size(0) * x.size(1);
+  const int64_t per_item = x.size(2) * x.size(3) * (nhwc ? x.size(1) : 1);
+  at::parallel_for(0, count, std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, per_item)),
+                   [&](int64_t i0, int64_t i1) {
+                     for (int64_t i = i0; i < i1; ++i) fn(i);
+                   });
 }
 
-// Per-channel sums over all N x C planes in memory order: each thread adds its planes into its own
-// row of `partial` ([threads, C, 2]); the rows are added at the end. Memory order (rather than one
-// channel's N strided planes at a time) lets the prefetchers stream the tensor: inside the Conv-4
-// MAML step the backward of the first block went from 2.2 to 0.9 ms per call, the forward from 1.0
-// to 0.6 ms. plane_fn(p, ch, s1, s2) handles plane p of channel ch.
+// Per-channel sums over the items: fn(i, s1, s2) adds item i's sums into its thread's [C] arrays
+// s1, s2 (each thread has its own, added at the end). Returns [2, C]: the s1 totals, then the s2.
 template <typename F>
-std::vector<double> channel_sums(const at::Tensor& x, F plane_fn) {
-  const int64_t n = x.size(0), c = x.size(1);
+std::vector<double> channel_sums(const at::Tensor& x, bool nhwc, F fn) {
+  const int64_t c = x.size(1);
   const int threads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(threads) * c * 2, 0.0);
-  at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
-    double* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * c * 2;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t ch = p % c;
-      plane_fn(p, ch, mine + 2 * ch, mine + 2 * ch + 1);
-    }
+  std::vector<double> partial(static_cast<size_t>(threads) * 2 * c, 0.0);
+  for_items(x, nhwc, [&](int64_t i) {
+    double* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * 2 * c;
+    fn(i, mine, mine + c);
   });
-  std::vector<double> total(static_cast<size_t>(c) * 2, 0.0);
+  std::vector<double> total(static_cast<size_t>(2 * c), 0.0);
   for (int t = 0; t < threads; ++t)
-    for (int64_t i = 0; i < 2 * c; ++i) total[i] += partial[static_cast<size_t>(t) * c * 2 + i];
+    for (int64_t k = 0; k < 2 * c; ++k) total[k] += partial[static_cast<size_t>(t) * 2 * c + k];
   return total;
 }
 
@@ -190,19 +172,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
     // Statistics shifted by the channel's first element (near its mean), in one pass.
     std::vector<acc_t> shift0(c);
     for (int64_t ch = 0; ch < c; ++ch) shift0[ch] = static_cast<acc_t>(xp[nhwc ? ch : ch * hw]);  // x[0, ch, 0, 0]
-    const std::vector<double> sums =
-        nhwc ? channel_sums_nhwc(x, [&](int64_t i, double* s1, double* s2) {
-                 K::stats_nhwc(xp + i * hw * c, hw, c, shift0.data(), s1, s2);
-               })
-             : channel_sums(x, [&](int64_t p, int64_t ch, double* s1, double* s2) {
-                 K::stats(xp + p * hw, hw, shift0[ch], s1, s2);
-               });
+    const std::vector<double> sums = channel_sums(x, nhwc, [&](int64_t i, double* s1, double* s2) {
+      if (nhwc) {
+        K::stats_nhwc(xp + i * hw * c, hw, c, shift0.data(), s1, s2);
+      } else {
+        const int64_t ch = i % c;
+        K::stats(xp + i * hw, hw, shift0[ch], s1 + ch, s2 + ch);
+      }
+    });
     const double count = static_cast<double>(n * hw);
     std::vector<acc_t> scale(c), shift(c);
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* sp = invstd.mutable_data_ptr<acc_t>();
     for (int64_t ch = 0; ch < c; ++ch) {
-      const double s1 = sums[2 * ch], s2 = sums[2 * ch + 1];
+      const double s1 = sums[ch], s2 = sums[c + ch];
       const double m = static_cast<double>(shift0[ch]) + s1 / count;
       const double var = std::max(0.0, (s2 - s1 * s1 / count) / count);
       const double is = 1.0 / std::sqrt(var + eps);
@@ -215,13 +198,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
     }
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     uint8_t* ip = idx.mutable_data_ptr<uint8_t>();
+    for_items(x, nhwc, [&](int64_t i) {
+      if (nhwc)
+        K::fwd_nhwc(xp + i * hw * c, h, w, c, scale.data(), shift.data(), op + i * howo * c, ip + i * howo * c);
+      else
+        K::fwd(xp + i * hw, h, w, scale[i % c], shift[i % c], op + i * howo, ip + i * howo);
+    });
     if (nhwc) {
-      at::parallel_for(0, n, std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, hw * c)),
-                       [&](int64_t i0, int64_t i1) {
-                         for (int64_t i = i0; i < i1; ++i)
-                           K::fwd_nhwc(xp + i * hw * c, h, w, c, scale.data(), shift.data(), op + i * howo * c,
-                                       ip + i * howo * c);
-                       });
       // The NCHW plane kernel NaN-fills a channel whose statistics are not finite (as ATen's
       // output is then); the NHWC kernel does not test per element, so it is done here.
       for (int64_t ch = 0; ch < c; ++ch) {
@@ -231,13 +214,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
           ip[q * c + ch] = 4;
         }
       }
-    } else {
-      at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t ch = p % c;
-          K::fwd(xp + p * hw, h, w, scale[ch], shift[ch], op + p * howo, ip + p * howo);
-        }
-      });
     }
   });
   return {out, idx, mean, invstd};
@@ -273,19 +249,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     std::vector<acc_t> mean_t(c);
     for (int64_t ch = 0; ch < c; ++ch) mean_t[ch] = static_cast<acc_t>(mp[ch]);
-    const std::vector<double> sums =
-        nhwc ? channel_sums_nhwc(x, [&](int64_t i, double* sdz, double* sdzx) {
-                 K::sums_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(), sdz, sdzx);
-               })
-             : channel_sums(x, [&](int64_t p, int64_t ch, double* sdz, double* sdzx) {
-                 K::sums(xp + p * hw, h, w, gp + p * howo, ip + p * howo, mean_t[ch], sdz, sdzx);
-               });
+    const std::vector<double> sums = channel_sums(x, nhwc, [&](int64_t i, double* sdz, double* sdzx) {
+      if (nhwc) {
+        K::sums_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(), sdz, sdzx);
+      } else {
+        const int64_t ch = i % c;
+        K::sums(xp + i * hw, h, w, gp + i * howo, ip + i * howo, mean_t[ch], sdz + ch, sdzx + ch);
+      }
+    });
     const double count = static_cast<double>(n * hw);
     std::vector<acc_t> c1(c), c0(c), kg(c);
     acc_t* dwp = dw.mutable_data_ptr<acc_t>();
     acc_t* dbp = db.mutable_data_ptr<acc_t>();
     for (int64_t ch = 0; ch < c; ++ch) {
-      const double s = sp[ch], sdz = sums[2 * ch], sdz_xhat = sums[2 * ch + 1] * s;
+      const double s = sp[ch], sdz = sums[ch], sdz_xhat = sums[c + ch] * s;
       const double k_ch = (wp ? static_cast<double>(wp[ch]) : 1.0) * s;
       dbp[ch] = static_cast<acc_t>(sdz);
       dwp[ch] = static_cast<acc_t>(sdz_xhat);
@@ -295,21 +272,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
       kg[ch] = static_cast<acc_t>(k_ch);
     }
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    if (nhwc) {
-      at::parallel_for(0, n, std::max<int64_t>(1, kSerialElements / std::max<int64_t>(1, hw * c)),
-                       [&](int64_t i0, int64_t i1) {
-                         for (int64_t i = i0; i < i1; ++i)
-                           K::dx_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(),
-                                      c1.data(), c0.data(), kg.data(), dxp + i * hw * c);
-                       });
-    } else {
-      at::parallel_for(0, n * c, plane_grain(x), [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t ch = p % c;
-          K::dx(xp + p * hw, h, w, gp + p * howo, ip + p * howo, mean_t[ch], c1[ch], c0[ch], kg[ch], dxp + p * hw);
-        }
-      });
-    }
+    for_items(x, nhwc, [&](int64_t i) {
+      if (nhwc) {
+        K::dx_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(), c1.data(), c0.data(),
+                   kg.data(), dxp + i * hw * c);
+      } else {
+        const int64_t ch = i % c;
+        K::dx(xp + i * hw, h, w, gp + i * howo, ip + i * howo, mean_t[ch], c1[ch], c0[ch], kg[ch], dxp + i * hw);
+      }
+    });
   });
   return {dx, dw, db};
 }

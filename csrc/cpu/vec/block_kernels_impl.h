@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "block_kernels.h"
 
@@ -44,59 +45,40 @@ inline void from_acc(float v, uint16_t* p) {
 // in the baseline (SSE2) one, where 32-byte vectors were lowered to scalar shuffles (8x slower). A
 // pooling row of Conv-4 is 14 windows wide, too short for the auto-vectorizer, which left these
 // loops scalar and branchy (measured 4-5x slower than this).
-template <typename T, int L>
-struct Lanes;
-template <>
-struct Lanes<float, 8> {
-  static constexpr int L = 8;
-  typedef float v __attribute__((vector_size(32)));
-  typedef int32_t m __attribute__((vector_size(32)));
-  typedef uint8_t b __attribute__((vector_size(8)));
-  typedef uint32_t u __attribute__((vector_size(32)));
-  typedef uint16_t h __attribute__((vector_size(16)));
-  static v evens(v a, v c) { return __builtin_shufflevector(a, c, 0, 2, 4, 6, 8, 10, 12, 14); }
-  static v odds(v a, v c) { return __builtin_shufflevector(a, c, 1, 3, 5, 7, 9, 11, 13, 15); }
-  static v zip_lo(v e, v o) { return __builtin_shufflevector(e, o, 0, 8, 1, 9, 2, 10, 3, 11); }
-  static v zip_hi(v e, v o) { return __builtin_shufflevector(e, o, 4, 12, 5, 13, 6, 14, 7, 15); }
-  static m iota() { return m{0, 1, 2, 3, 4, 5, 6, 7}; }
-};
-template <>
-struct Lanes<float, 4> {
-  static constexpr int L = 4;
-  typedef float v __attribute__((vector_size(16)));
-  typedef int32_t m __attribute__((vector_size(16)));
-  typedef uint8_t b __attribute__((vector_size(4)));
-  typedef uint32_t u __attribute__((vector_size(16)));
-  typedef uint16_t h __attribute__((vector_size(8)));
-  static v evens(v a, v c) { return __builtin_shufflevector(a, c, 0, 2, 4, 6); }
-  static v odds(v a, v c) { return __builtin_shufflevector(a, c, 1, 3, 5, 7); }
-  static v zip_lo(v e, v o) { return __builtin_shufflevector(e, o, 0, 4, 1, 5); }
-  static v zip_hi(v e, v o) { return __builtin_shufflevector(e, o, 2, 6, 3, 7); }
-  static m iota() { return m{0, 1, 2, 3}; }
-};
-template <>
-struct Lanes<double, 4> {
-  static constexpr int L = 4;
-  typedef double v __attribute__((vector_size(32)));
-  typedef int64_t m __attribute__((vector_size(32)));
-  typedef uint8_t b __attribute__((vector_size(4)));
-  static v evens(v a, v c) { return __builtin_shufflevector(a, c, 0, 2, 4, 6); }
-  static v odds(v a, v c) { return __builtin_shufflevector(a, c, 1, 3, 5, 7); }
-  static v zip_lo(v e, v o) { return __builtin_shufflevector(e, o, 0, 4, 1, 5); }
-  static v zip_hi(v e, v o) { return __builtin_shufflevector(e, o, 2, 6, 3, 7); }
-  static m iota() { return m{0, 1, 2, 3}; }
-};
-template <>
-struct Lanes<double, 2> {
-  static constexpr int L = 2;
-  typedef double v __attribute__((vector_size(16)));
-  typedef int64_t m __attribute__((vector_size(16)));
-  typedef uint8_t b __attribute__((vector_size(2)));
-  static v evens(v a, v c) { return __builtin_shufflevector(a, c, 0, 2); }
-  static v odds(v a, v c) { return __builtin_shufflevector(a, c, 1, 3); }
-  static v zip_lo(v e, v o) { return __builtin_shufflevector(e, o, 0, 2); }
-  static v zip_hi(v e, v o) { return __builtin_shufflevector(e, o, 1, 3); }
-  static m iota() { return m{0, 1}; }
+//
+// Lanes<T, N>: the vector types for N lanes of T (v; m: same-width signed integers, the type of
+// comparisons; b: N window-index bytes; u, h: N uint32 / uint16, the bit patterns behind bf16
+// conversion) and the shuffles the window kernels need, built from index sequences.
+template <typename T, int N>
+struct Lanes {
+  static constexpr int L = N;
+  using mi = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef T v __attribute__((vector_size(N * sizeof(T))));
+  typedef mi m __attribute__((vector_size(N * sizeof(T))));
+  typedef std::make_unsigned_t<mi> u __attribute__((vector_size(N * sizeof(T))));
+  typedef uint8_t b __attribute__((vector_size(N)));
+  typedef uint16_t h __attribute__((vector_size(N * 2)));
+  // a, c: 2N consecutive elements; evens/odds: the N at even/odd positions.
+  static v evens(v a, v c) { return deinterleave<0>(a, c, std::make_index_sequence<N>{}); }
+  static v odds(v a, v c) { return deinterleave<1>(a, c, std::make_index_sequence<N>{}); }
+  // The inverse: e0 o0 e1 o1 ... as two registers (the first and the second half).
+  static v zip_lo(v e, v o) { return interleave<0>(e, o, std::make_index_sequence<N>{}); }
+  static v zip_hi(v e, v o) { return interleave<N / 2>(e, o, std::make_index_sequence<N>{}); }
+  static m iota() { return iota(std::make_index_sequence<N>{}); }
+
+ private:
+  template <int Offset, std::size_t... I>
+  static v deinterleave(v a, v c, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, c, (2 * I + Offset)...);
+  }
+  template <int Offset, std::size_t... I>
+  static v interleave(v e, v o, std::index_sequence<I...>) {
+    return __builtin_shufflevector(e, o, (I / 2 + Offset + (I % 2) * N)...);
+  }
+  template <std::size_t... I>
+  static m iota(std::index_sequence<I...>) {
+    return m{static_cast<mi>(I)...};
+  }
 };
 // Narrow: one SSE register; Wide: the widest register this file is compiled for. A row takes the
 // widest that fits in it (Conv-4: 14 windows wide, then 7, 3, 1).

@@ -1,4 +1,4 @@
-// Run-time choice of the row kernels' instruction set, and the streaming-store threshold.
+// Run-time choice of the kernels' instruction set (kernel_tables.h), and the streaming-store threshold.
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,20 +13,20 @@
 
 namespace fastmeta::cpu::vec {
 
+// The tables each row_kernels_<isa>.cpp defines (kernel_tables.h).
+#define FASTMETA_VEC_TABLES                 \
+  extern const RowKernels<float> kF32;      \
+  extern const RowKernels<double> kF64;     \
+  extern const BlockKernels<float> kBlockF32; \
+  extern const BlockKernels<double> kBlockF64; \
+  extern const BlockKernelsBf16 kBlockBf16;
+
 namespace baseline {
-extern const RowKernels<float> kF32;
-extern const RowKernels<double> kF64;
-extern const BlockKernels<float> kBlockF32;
-extern const BlockKernels<double> kBlockF64;
-extern const BlockKernelsBf16 kBlockBf16;
+FASTMETA_VEC_TABLES
 }  // namespace baseline
 #if FASTMETA_VEC_AVX2
 namespace avx2 {
-extern const RowKernels<float> kF32;
-extern const RowKernels<double> kF64;
-extern const BlockKernels<float> kBlockF32;
-extern const BlockKernels<double> kBlockF64;
-extern const BlockKernelsBf16 kBlockBf16;
+FASTMETA_VEC_TABLES
 }  // namespace avx2
 #endif
 
@@ -81,40 +81,18 @@ std::atomic<int64_t> g_stream_threshold{default_stream_threshold()};
 
 }  // namespace
 
-const RowKernels<float>& kernels_f32() {
+// One relaxed load per kernel call: the test hook set_isa applies at once.
 #if FASTMETA_VEC_AVX2
-  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kF32;
+#define FASTMETA_BY_ISA(table) (g_isa.load(std::memory_order_relaxed) == 1 ? avx2::table : baseline::table)
+#else
+#define FASTMETA_BY_ISA(table) (baseline::table)
 #endif
-  return baseline::kF32;
-}
 
-const RowKernels<double>& kernels_f64() {
-#if FASTMETA_VEC_AVX2
-  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kF64;
-#endif
-  return baseline::kF64;
-}
-
-const BlockKernels<float>& block_kernels_f32() {
-#if FASTMETA_VEC_AVX2
-  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBlockF32;
-#endif
-  return baseline::kBlockF32;
-}
-
-const BlockKernels<double>& block_kernels_f64() {
-#if FASTMETA_VEC_AVX2
-  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBlockF64;
-#endif
-  return baseline::kBlockF64;
-}
-
-const BlockKernelsBf16& block_kernels_bf16() {
-#if FASTMETA_VEC_AVX2
-  if (g_isa.load(std::memory_order_relaxed) == 1) return avx2::kBlockBf16;
-#endif
-  return baseline::kBlockBf16;
-}
+const RowKernels<float>& kernels_f32() { return FASTMETA_BY_ISA(kF32); }
+const RowKernels<double>& kernels_f64() { return FASTMETA_BY_ISA(kF64); }
+const BlockKernels<float>& block_kernels_f32() { return FASTMETA_BY_ISA(kBlockF32); }
+const BlockKernels<double>& block_kernels_f64() { return FASTMETA_BY_ISA(kBlockF64); }
+const BlockKernelsBf16& block_kernels_bf16() { return FASTMETA_BY_ISA(kBlockBf16); }
 
 const char* active_isa() { return kernels_f32().isa; }
 
