@@ -77,25 +77,18 @@ class _BnReluPoolGrad(torch.autograd.Function):
     def backward(ctx, ggx, ggw, ggb):
         grad_out, x, weight, bias, mean, invstd, idx = ctx.saved_tensors
         need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        if ggx is None and ggw is None and ggb is None:
+            return (None,) * 8
+        with torch.no_grad():
+            g_grad_out, g_x, g_w = torch.ops.fastmeta.bn_relu_pool_double_backward(
+                ggx, ggw, ggb, grad_out, x, weight, mean, invstd, idx)
+        grads = (g_grad_out if need_g else None, g_x if need_x else None,
+                 g_w if need_w and weight is not None else None)
         if torch.is_grad_enabled():
             # Recorded (create_graph=True): the results are right, but differentiating them again
             # (a third derivative) raises, as for ATen's batch norm.
-            with torch.no_grad():
-                res = _BnReluPoolGrad.backward_values(ctx, ggx, ggw, ggb)
-            return tuple(_NoThirdOrder.apply(r, grad_out, x, weight) if r is not None else None for r in res[:3]) \
-                + res[3:]
-        return _BnReluPoolGrad.backward_values(ctx, ggx, ggw, ggb)
-
-    @staticmethod
-    def backward_values(ctx, ggx, ggw, ggb):
-        grad_out, x, weight, bias, mean, invstd, idx = ctx.saved_tensors
-        need_g, need_x, need_w = ctx.needs_input_grad[:3]
-        if ggx is None and ggw is None and ggb is None:
-            return (None,) * 8
-        g_grad_out, g_x, g_w = torch.ops.fastmeta.bn_relu_pool_double_backward(
-            ggx, ggw, ggb, grad_out, x, weight, mean, invstd, idx)
-        return (g_grad_out if need_g else None, g_x if need_x else None,
-                g_w if need_w and weight is not None else None) + (None,) * 5
+            grads = tuple(None if g is None else _NoThirdOrder.apply(g, grad_out, x, weight) for g in grads)
+        return grads + (None,) * 5
 
 
 class _NoThirdOrder(torch.autograd.Function):
@@ -198,7 +191,6 @@ class FusionPlan:
     """
 
     def __init__(self, model: nn.Module):
-        self.model = model
         self._runs: list[tuple[nn.Sequential, frozenset]] = []
         for seq in model.modules():
             if not isinstance(seq, nn.Sequential):

@@ -51,3 +51,22 @@ def omniglot_data(omniglot_zips):
     from fastmeta.data import Omniglot
 
     return Omniglot(omniglot_zips)
+
+
+@pytest.fixture(params=["avx2", "default"])
+def isa(request):
+    """Force the instruction set of the C++ kernels' inner loops (csrc/cpu/vec/) for one test;
+    skipped where the extension is missing or the CPU does not support it."""
+    from fastmeta import _extension
+
+    if not _extension.available():
+        pytest.skip(f"native extension unavailable: {_extension.reason()}")
+    from fastmeta import _C
+
+    if request.param not in _C.build_info()["cpu_isas_supported"].split(","):
+        pytest.skip(f"{request.param}: not supported by this CPU")
+    assert _C._set_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _C._set_cpu_isa("")

@@ -22,23 +22,11 @@ from test_speed_modes import conv_batch, oracle
 if not _extension.available():
     pytest.skip(f"native extension unavailable: {_extension.reason()}", allow_module_level=True)
 
-from fastmeta import _C  # noqa: E402
-
-ISAS = _C.build_info()["cpu_isas_supported"].split(",")
 # (N, C, H, W): Conv-4's four blocks (14, 7, 3, 1 windows per row: wider than the 8-float
 # register, between 4 and 8, narrower than 4), odd H and/or W (last row/column in no window), one
 # image, two values per channel, a plane of 2x2.
 SHAPES = [(5, 8, 28, 28), (5, 8, 14, 14), (5, 8, 7, 7), (5, 8, 3, 3), (3, 5, 9, 11), (4, 2, 5, 4),
-          (2, 3, 20, 17), (1, 3, 34, 33), (1, 2, 2, 1 + 1), (2, 1, 2, 2)]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    assert _C._set_cpu_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _C._set_cpu_isa("")
+          (2, 3, 20, 17), (1, 3, 34, 33), (1, 2, 2, 2), (2, 1, 2, 2)]
 
 
 def make(shape, dtype, seed=0, ties=True, affine=True):

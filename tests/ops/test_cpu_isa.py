@@ -16,15 +16,6 @@ ISAS = _C.build_info()["cpu_isas_supported"].split(",")
 CASES = [c for c in row_cases() if c.t in (1, 8) or c.zero_row or c.noncontiguous]
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    assert _C._set_cpu_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _C._set_cpu_isa("")
-
-
 @pytest.fixture(params=["cached", "streamed"])
 def stream(request):
     # Threshold 0: every output is written with non-temporal stores; a huge one: never.
