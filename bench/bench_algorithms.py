@@ -1,7 +1,7 @@
 """Step time and peak memory of every fastmeta algorithm relative to fastmeta's own MAML step.
 
 Workload (issue 4): Conv-4 Omniglot 5-way 1-shot, 15 queries per class, meta-batch 16, float32
-(``bench/common.py``'s ``conv4`` workload: the shared Omniglot subsets when present, else random
+(``bench/workloads.py``'s ``conv4`` workload: the shared Omniglot subsets when present, else random
 images of the same shape). Every configuration is timed in ONE run, interleaved round-robin (each
 round runs all of them once, so a noisy shared machine slows all alike), and reported as a ratio to
 MAML's step with the same inner steps; peak memory of each configuration is measured in its own
@@ -28,7 +28,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import fastmeta  # noqa: E402
-from common import smoke, step_peak_rss, summary, time_interleaved, workload  # noqa: E402
+from memory import step_peak_rss  # noqa: E402
+from timing import summary, time_interleaved  # noqa: E402
+from workloads import smoke, workload  # noqa: E402
 from fastmeta.ops import _backend  # noqa: E402
 
 # name -> (factory(inner_lr, steps), adapt, inner steps, baseline config, target ratio, paper ratio)

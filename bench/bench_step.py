@@ -15,7 +15,11 @@ benchmark once): ``pytest bench --benchmark-disable``.
 import pytest
 import torch
 
-import common as C
+from checks import check_gradient
+from oracle import rel_err
+from peers import make_fastmeta, make_plain
+from timing import summary, time_interleaved
+from workloads import smoke, workload
 
 TARGETS = {"sine": 0.2, "conv4": 1.05}
 ROUNDS = {"sine": 30, "conv4": 5}
@@ -23,17 +27,17 @@ ROUNDS = {"sine": 30, "conv4": 5}
 
 @pytest.mark.parametrize("name", ["sine", "conv4"])
 def test_step_second_order(benchmark, request, capsys, name):
-    disabled = C.smoke(request.config)
-    wl = C.workload(name, small=disabled)
+    disabled = smoke(request.config)
+    wl = workload(name, small=disabled)
 
-    check = C.check_gradient(wl, C.make_fastmeta, first_order=False)
+    check = check_gradient(wl, make_fastmeta, first_order=False)
     assert check["ok"], f"fastmeta's meta-gradient differs from the plain loop: {check}"
 
     model, batch = wl.model(), wl.batch()
-    fm = C.make_fastmeta(wl, model, batch, first_order=False)
-    loop = C.make_plain(wl, model, batch, first_order=False)
+    fm = make_fastmeta(wl, model, batch, first_order=False)
+    loop = make_plain(wl, model, batch, first_order=False)
     # Same numbers in float32 too (a benchmark checks its output once, so a fast wrong step fails).
-    assert C.rel_err(fm().double(), loop().double()) < 1e-3
+    assert rel_err(fm().double(), loop().double()) < 1e-3
 
     benchmark.group = f"step 2nd-order {wl.title}"
     benchmark.extra_info.update(workload=wl.title, data=wl.data_source, threads=torch.get_num_threads(),
@@ -43,8 +47,8 @@ def test_step_second_order(benchmark, request, capsys, name):
         benchmark(fm)
         return
 
-    times = C.time_interleaved({"plain loop": loop, "fastmeta": fm}, ROUNDS[name])
-    t_loop, t_fm = C.summary(times["plain loop"]), C.summary(times["fastmeta"])
+    times = time_interleaved({"plain loop": loop, "fastmeta": fm}, ROUNDS[name])
+    t_loop, t_fm = summary(times["plain loop"]), summary(times["fastmeta"])
     ratio = t_fm / t_loop
     benchmark.extra_info.update(loop_ms=1e3 * t_loop, fastmeta_ms=1e3 * t_fm, ratio=ratio, target=TARGETS[name])
     with capsys.disabled():

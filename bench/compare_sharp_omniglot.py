@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from fastmeta.train import DEFAULTS, train  # noqa: E402
+from fastmeta.training import DEFAULTS, train  # noqa: E402
 
 DATA = sorted((REPO.parent / "shared" / "data" / "omniglot").glob("images_background_small*.zip"))
 ALGOS = {"maml": {}, "sharp-low": {"alpha_low": 0.05}, "sharp-both": {"alpha_low": 0.05, "alpha_up": 0.05}}

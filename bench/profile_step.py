@@ -20,19 +20,24 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# An uninstalled checkout still finds fastmeta; appended, so nothing installed is shadowed.
+if importlib.util.find_spec("fastmeta") is None:
+    sys.path.append(str(HERE.parent))
 
 import fastmeta  # noqa: E402
+from workloads import workload  # noqa: E402
 
 
 def build(args):
-    wl = C.workload(args.workload, small=args.small)
+    wl = workload(args.workload, small=args.small)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model = wl.model().to(device)
     batch = wl.batch()
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop", "bmm"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--fused", action="store_true", help="fused BatchNorm+ReLU+MaxPool tails (fastmeta.fused)")
+    p.add_argument("--fused", action="store_true", help="fused BatchNorm+ReLU+MaxPool tails (the bn_relu_pool op)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 1 warm-up step)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even if CUDA is present")
     p.add_argument("--out", default="fastmeta_trace.json", help="torch.profiler Chrome trace (CPU path)")

@@ -1,13 +1,13 @@
 """fastmeta: fast, correct gradient-based meta-learning for PyTorch.
 
 Task parameters are rows of a ``[T, D]`` matrix; every algorithm is algebra on those rows,
-evaluated per task by ``vmap`` or a per-task loop (see ``fastmeta.batched``).
+evaluated per task by ``vmap``, batched matmuls or a per-task loop (see ``fastmeta.evaluation``).
 """
 import torch  # noqa: F401  (must precede the native extension: it needs libc10/libtorch loaded)
 
 from .algorithms import FOMAML, MAML, Algorithm, MetaResult
 from .algorithms import HFMAML, FallahStepSize, SharpMAML
-from .batched import Evaluator
+from .evaluation import Evaluator
 from .learner import EvalResult, MetaLearner, StepResult
 from .models import Conv4, SineMLP
 from .params import ParamLayout

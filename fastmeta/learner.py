@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ._checks import check_batch
 from .algorithms.base import Algorithm, MetaResult
-from .batched import STRATEGIES, Evaluator, FeatureSplit, candidate_strategies, resolve_loss
+from .distributed.group import resolve_group
+from .distributed.reduce import TaskReduction
+from .evaluation import STRATEGIES, Evaluator, FeatureSplit, candidate_strategies, resolve_loss, time_strategies
+from .metrics import accuracy, ci95
 from .params import Adapt, ParamLayout
 from .tasks import TaskBatch
 
@@ -37,21 +40,25 @@ class EvalResult:
     per_task_loss: torch.Tensor
     per_task_accuracy: Optional[torch.Tensor]
 
+    @classmethod
+    def from_tasks(cls, loss: torch.Tensor, accuracy: Optional[torch.Tensor] = None) -> "EvalResult":
+        """The summary of per-task losses ``[T]`` (and accuracies ``[T]``)."""
+        return cls(float(loss.mean()), ci95(loss), None if accuracy is None else float(accuracy.mean()),
+                   None if accuracy is None else ci95(accuracy), loss.numel(), loss, accuracy)
+
+    @classmethod
+    def concat(cls, results: Sequence["EvalResult"]) -> "EvalResult":
+        """One summary over the tasks of several results (e.g. chunks of a long meta-test)."""
+        if not results:
+            raise ValueError("results: expected at least one EvalResult")
+        accs = [r.per_task_accuracy for r in results if r.per_task_accuracy is not None]
+        return cls.from_tasks(torch.cat([r.per_task_loss for r in results]), torch.cat(accs) if accs else None)
+
     def __str__(self) -> str:
         s = f"loss {self.loss:.4f} ± {self.loss_ci95:.4f}"
         if self.accuracy is not None:
             s += f", accuracy {100 * self.accuracy:.2f}% ± {100 * self.accuracy_ci95:.2f}%"
         return s + f" (95% CI over {self.num_tasks} tasks)"
-
-
-def _ci95(x: torch.Tensor) -> float:
-    n = x.numel()
-    return float(1.96 * x.double().std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-
-
-def accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-task accuracy ``[T]`` from logits ``[T, N, C]`` and labels ``[T, N]``."""
-    return (out.argmax(-1) == y).double().mean(1)
 
 
 class MetaLearner:
@@ -65,7 +72,7 @@ class MetaLearner:
         adapt: which parameters the inner loop adapts: ``"all"``, ``"head"`` (ANIL) or names.
         strategy: ``"auto"`` (time ``loop``, ``vmap`` and, for Linear/activation models, ``bmm``
             on the first batch, keep the fastest), ``"vmap"``, ``"loop"`` or ``"bmm"``. See
-            :mod:`fastmeta.batched`.
+            :mod:`fastmeta.evaluation`.
         channels_last: opt-in CPU speed mode for conv nets: convolutions run in NHWC memory
             format (exact gradients; applies under the loop strategy).
         bf16: opt-in CPU speed mode: the model runs under bf16 autocast while the parameters,
@@ -74,19 +81,21 @@ class MetaLearner:
             5-way 1-shot, ``fastmeta bench --full`` reports meta-test accuracy beside float32).
         fused: opt-in CPU speed mode for conv nets: every ``BatchNorm2d (batch statistics), ReLU,
             MaxPool2d(2)`` run inside an ``nn.Sequential`` (each block of Conv-4) goes through one
-            fused C++ kernel per pass (:mod:`fastmeta.fused`); the model object is not modified.
-            Same function; float32 gradients differ from ATen's by rounding (~1e-6 relative);
-            second-order terms use ATen's double backward.
+            fused C++ kernel per pass (the ``bn_relu_pool`` op, applied by
+            :func:`fastmeta.nn.fuse_conv_blocks`); the model object is not modified. Same function;
+            float32 gradients differ from ATen's by rounding (~1e-6 relative); the second-order
+            terms come from the op's closed-form double backward.
         process_group: shard the meta-batch's tasks over the ranks of a ``torch.distributed``
             group. ``None``: the default group when torch.distributed is initialized with more
             than one rank, else one process. Each rank passes ITS shard to ``step``/
             ``meta_gradient`` and gets the mean meta-gradient over all ranks' tasks (one
-            all-reduce per reduction; see :mod:`fastmeta.distributed`).
+            all-reduce per reduction; see :mod:`fastmeta.distributed`). ``learner.reduction``
+            (a :class:`fastmeta.distributed.TaskReduction`, ``None`` in one process) counts them.
         feature_cache: ANIL feature caching (Raghu et al. 2020; Sharp-MAML sec. 5.4, eq. 19): with
             only the head adapted and a model computing ``head(body(x))``, the body runs once per
             (body parameters, inputs) -- once on the support set and once on the query set per
             task -- instead of at every inner step; the meta-gradient is exactly the same.
-            ``None`` (auto): on when the model qualifies (see :class:`fastmeta.batched.FeatureSplit`;
+            ``None`` (auto): on when the model qualifies (see :class:`fastmeta.evaluation.FeatureSplit`;
             checked numerically on the first batch) and ``adapt`` selects the head; ``True``:
             required, ``ValueError`` naming ``feature_cache`` with the reason when it cannot apply;
             ``False``: off. ``learner.feature_cache`` / ``learner.feature_cache_reason`` report it.
@@ -114,10 +123,11 @@ class MetaLearner:
         self.model = model
         self.algorithm = algorithm
         self.loss_fn, self.classification = resolve_loss(loss_fn)
-        from . import distributed as _distributed
-
-        _distributed.resolve_group(process_group)  # validates (ValueError naming process_group)
+        resolve_group(process_group)  # validates (ValueError naming process_group)
         self.process_group = process_group
+        # The reduction over processes (None in one process): fixed at the first meta-gradient,
+        # when the group is resolved; it counts the all-reduces and the time spent in them.
+        self.reduction: Optional[TaskReduction] = None
         self.layout = ParamLayout(model, adapt)
         if feature_cache not in (None, True, False):
             raise ValueError(f"feature_cache: expected None (auto), True or False, got {feature_cache!r}")
@@ -135,13 +145,12 @@ class MetaLearner:
         self.strategy_reason: str = "" if strategy == "auto" else "chosen by the caller"
         # Opt-in CPU speed modes, passed to every Evaluator (validated there: bf16 needs float32).
         # Exact ANIL feature caching travels with them (every Evaluator of this learner is built
-        # from this dict, including the one distributed.py rebuilds after rank 0's strategy choice).
+        # from this dict).
         self.speed_modes = dict(channels_last=channels_last, bf16=bf16, fused=fused)
         if self._feature_split is not None:
             self.speed_modes["feature_cache"] = self._feature_split
-        Evaluator(model, self.layout, self.loss_fn, "loop", **self.speed_modes)
-        self._ev: Optional[Evaluator] = None if strategy == "auto" else Evaluator(
-            model, self.layout, self.loss_fn, strategy, **self.speed_modes)
+        self._new_evaluator("loop")  # validates the speed modes now, not at the first batch
+        self._ev: Optional[Evaluator] = None if strategy == "auto" else self._new_evaluator(strategy)
 
     # ------------------------------------------------------------------ feature caching
     @property
@@ -172,66 +181,65 @@ class MetaLearner:
             self._ev = self._choose(batch)
         return self._ev
 
+    def _new_evaluator(self, strategy: str) -> Evaluator:
+        return Evaluator(self.model, self.layout, self.loss_fn, strategy, **self.speed_modes)
+
     def _choose(self, batch: TaskBatch) -> Evaluator:
-        # Time the meta-gradient of each strategy on (up to) 4 tasks and keep the faster; per-task
-        # costs scale the same way for both, so a small sub-batch suffices and keeps the
-        # measurement cheap on conv nets. After one warm-up call each (vmap traces, oneDNN picks
-        # kernels) the strategies are timed round-robin and each keeps its minimum: a stall of
-        # the machine (another process, CPU steal on a VM) then spoils single calls, not a whole
-        # strategy. Cheap steps get up to 7 rounds within ~1 s; expensive ones 1. A strategy that
-        # fails (e.g. a model vmap cannot trace) is skipped with its reason.
+        # Time the meta-gradient of each strategy on (up to) 4 tasks and keep the fastest; per-task
+        # costs scale the same way for every strategy, so a small sub-batch suffices and keeps the
+        # measurement cheap on conv nets. Cheap steps get up to 7 rounds within ~1 s, expensive
+        # ones 1 (see time_strategies). A strategy that fails (e.g. a model vmap cannot trace) is
+        # skipped with its reason.
         sub = batch.select(slice(0, min(4, batch.num_tasks)))
         theta = self.layout.flatten(self.model)
-        errors, evs = {}, {}
         candidates = candidate_strategies(self.model)
-        for name in candidates:
-            ev = Evaluator(self.model, self.layout, self.loss_fn, name, **self.speed_modes)
-            try:
-                self.algorithm.meta_grad(ev, self.layout, theta, sub)
-                evs[name] = ev
-            except Exception as e:  # noqa: BLE001 - any failure disqualifies the strategy
-                errors[name] = f"{type(e).__name__}: {e}"
-        best = {name: float("inf") for name in evs}
-        spent, rounds = 0.0, 0
-        while evs and (rounds < 1 or (rounds < 7 and spent < 1.0)):
-            for name, ev in evs.items():
-                t0 = time.perf_counter()
-                self.algorithm.meta_grad(ev, self.layout, theta, sub)
-                dt = time.perf_counter() - t0
-                best[name] = min(best[name], dt)
-                spent += dt
-            rounds += 1
-        self.strategy_timings.update(best)
-        if not self.strategy_timings:
-            raise RuntimeError(f"strategy: none of {candidates} could evaluate this model: {errors}")
-        chosen = min(self.strategy_timings, key=self.strategy_timings.get)
+        choice = time_strategies(candidates, self._new_evaluator,
+                                 lambda ev: self.algorithm.meta_grad(ev, self.layout, theta, sub))
+        self.strategy_timings.update(choice.timings)
+        if choice.strategy is None:
+            raise RuntimeError(f"strategy: none of {candidates} could evaluate this model: {choice.errors}")
         times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.strategy_timings.items())
-        self.strategy_reason = f"auto: measured on {sub.num_tasks} tasks, best of {rounds} ({times})" + (
-            f"; failed: {errors}" if errors else "")
-        return Evaluator(self.model, self.layout, self.loss_fn, chosen, **self.speed_modes)
+        self.strategy_reason = f"auto: measured on {sub.num_tasks} tasks, best of {choice.rounds} ({times})" + (
+            f"; failed: {choice.errors}" if choice.errors else "")
+        return choice.evaluator
+
+    def _current_reduction(self) -> Optional[TaskReduction]:
+        # Resolved per call (a default group may be initialized after the learner was built).
+        group = resolve_group(self.process_group)
+        if group is None:
+            return None
+        if self.reduction is None or self.reduction.group is not group:
+            first, old = self.reduction is None, self.reduction
+            self.reduction = TaskReduction(group)
+            if old is not None:
+                self.reduction.comm_seconds, self.reduction.reductions = old.comm_seconds, old.reductions
+            if first and self.strategy == "auto" and self._ev is not None:
+                # Each rank timed its own shard: all adopt rank 0's choice, so that they run the same
+                # code (and the same floating-point summation order).
+                chosen = self.reduction.agree(self._ev.strategy)
+                if chosen != self._ev.strategy:
+                    self._ev = self._new_evaluator(chosen)
+                    self.strategy_reason += f"; rank 0 chose {chosen!r}, adopted by all ranks"
+        return self.reduction
 
     @property
     def chosen_strategy(self) -> Optional[str]:
         return None if self._ev is None else self._ev.strategy
 
     # ------------------------------------------------------------------ training
-    def _check_batch(self, batch: TaskBatch) -> None:
-        if not isinstance(batch, TaskBatch):
-            raise ValueError(f"batch: expected a fastmeta.TaskBatch, got {type(batch).__name__}")
-        if batch.device != self.layout.device:
-            raise ValueError(f"batch: is on {batch.device} but the model is on {self.layout.device}")
-        if batch.support_x.is_floating_point() and batch.support_x.dtype != self.layout.dtype:
-            raise ValueError(f"batch: inputs are {batch.support_x.dtype} but the model is {self.layout.dtype}")
-
     def meta_gradient(self, batch: TaskBatch) -> MetaResult:
         """The flat meta-gradient ``[P]`` (mean over tasks) without touching ``.grad``."""
-        self._check_batch(batch)
-        from . import distributed as _distributed
-
-        # Under a process group: the mean over ALL ranks' tasks (identity in one process).
-        ev = _distributed.wrap_evaluator(self, self.evaluator(batch))
+        check_batch(batch, self.layout)
+        self.evaluator(batch)
+        # Under a process group: the mean over ALL ranks' tasks (one process: over this batch's).
+        reduction = self._current_reduction()
+        ev = self._ev
         theta = self.layout.flatten(self.model)
-        res = self.algorithm.meta_grad(ev, self.layout, theta, batch)
+        ev.reduction = reduction
+        try:
+            res = self.algorithm.meta_grad(ev, self.layout, theta, batch)
+        finally:
+            ev.reduction = None
         # Two reductions and one host sync on the happy path: any NaN/inf in either tensor makes
         # the sum non-finite. A sum of finite values can still overflow (float32 near 3e38): the
         # element-wise diagnosis below then finds nothing and the result is returned.
@@ -259,7 +267,7 @@ class MetaLearner:
         """A copy of the model adapted to one task's support set ``[N, ...]`` (no graph kept)."""
         if support_x.dim() < 1 or support_y.shape[:1] != support_x.shape[:1]:
             raise ValueError(f"support_y: expected {support_x.shape[0]} labels for {support_x.shape[0]} support samples, got shape {tuple(support_y.shape)}")
-        ev = self._ev or Evaluator(self.model, self.layout, self.loss_fn, "loop", **self.speed_modes)
+        ev = self._ev or self._new_evaluator("loop")
         theta = self.layout.flatten(self.model)
         self._verify_features(support_x[None])
         with ev.feature_scope():
@@ -270,7 +278,7 @@ class MetaLearner:
 
     def evaluate(self, batch: TaskBatch, steps: Optional[int] = None) -> EvalResult:
         """Adapt on each task's support set, score its query set: mean ± 95% CI over tasks."""
-        self._check_batch(batch)
+        check_batch(batch, self.layout)
         ev = self.evaluator(batch)
         theta = self.layout.flatten(self.model)
         losses, accs = [], []
@@ -282,8 +290,4 @@ class MetaLearner:
             losses.append(q)
             if self.classification:
                 accs.append(accuracy(out, sub.query_y))
-        loss = torch.cat(losses)
-        acc = torch.cat(accs) if accs else None
-        return EvalResult(float(loss.mean()), _ci95(loss),
-                          None if acc is None else float(acc.mean()), None if acc is None else _ci95(acc),
-                          batch.num_tasks, loss, acc)
+        return EvalResult.from_tasks(torch.cat(losses), torch.cat(accs) if accs else None)

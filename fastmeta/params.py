@@ -6,7 +6,7 @@ ordered *adapted parameters first*:
     Theta = [ theta_adapted (D) | theta_shared (P - D) ]
 
 * **adapted** parameters are updated by the inner loop, so each task has its own copy; a
-  meta-batch of T tasks holds them as rows of a ``[T, D]`` tensor (DESIGN.md, "the one idea").
+  meta-batch of T tasks holds them as rows of a ``[T, D]`` tensor (docs/design.md, "the one idea").
 * **shared** parameters are not adapted in the inner loop (ANIL's body) but are still
   meta-learned: the outer gradient reaches them through the adapted head.
 
@@ -16,7 +16,7 @@ left to the module (``functional_call`` falls back to them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -98,11 +98,6 @@ class ParamLayout:
         self.device: torch.device = devices.pop()
 
     # ------------------------------------------------------------------ flat <-> named
-    @property
-    def adapted_numels(self) -> list[int]:
-        """Per-tensor sizes along the row dim D (segments for per-tensor masks)."""
-        return list(self._adapted_numels)
-
     def flatten(self, module: nn.Module) -> torch.Tensor:
         """The module's current meta-parameters as a detached flat vector ``[P]``."""
         named = dict(module.named_parameters())
@@ -170,17 +165,6 @@ class ParamLayout:
             for s in self.slots:
                 named[s.name].copy_(theta[s.offset: s.offset + s.numel].view(s.shape))
 
-    def check_module(self, module: nn.Module) -> None:
-        """Raise if ``module`` does not have this layout (e.g. a checkpoint of another architecture)."""
-        named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        for s in self.slots:
-            if s.name not in named or named[s.name].shape != s.shape:
-                raise ValueError(f"model: parameter {s.name!r} missing or of another shape than the layout's {tuple(s.shape)}")
-
     def __repr__(self) -> str:
         return f"ParamLayout(D={self.D}, P={self.P}, adapted={len(self.adapted)} tensors, shared={len(self.shared)} tensors)"
 
-
-def iter_chunks(n: int, size: int) -> Iterable[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))

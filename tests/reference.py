@@ -200,7 +200,7 @@ def conv_case(dtype=torch.float64):
 
 def run(algo, model, batch, loss_fn, adapt="all", strategy="vmap"):
     """fastmeta's meta-gradient of ``algo`` on ``batch`` through one Evaluator: ``(MetaResult, layout)``."""
-    from fastmeta.batched import Evaluator
+    from fastmeta.evaluation import Evaluator
     from fastmeta.params import ParamLayout
 
     layout = ParamLayout(model, adapt)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import fastmeta
-from fastmeta.analysis import cli as acli
 from fastmeta.analysis import loss_landscape
-from fastmeta.train import TaskSource, learner_from_checkpoint, load_checkpoint, save_checkpoint
+from fastmeta.cli import landscape as acli
+from fastmeta.training import TaskSource, learner_from_checkpoint, load_checkpoint, save_checkpoint
 
 
 def run(argv):

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastmeta
 from fastmeta.algorithms.registry import FACTORIES, build_algorithm
-from fastmeta.batched import ChannelsLast, Evaluator, FeatureSplit
+from fastmeta.evaluation import ChannelsLast, Evaluator, FeatureSplit
 from fastmeta.params import ParamLayout
 from fastmeta.tasks import TaskBatch
 from reference import flat, hfmaml_meta_grad, maml_meta_grad, rel_err, sharp_maml_meta_grad
@@ -326,15 +326,24 @@ def test_feature_split_views_and_repr():
     assert "body" in repr(split)
 
 
-def test_wrapped_evaluator_shares_the_cache():
-    # DistributedEvaluator copies the evaluator's __dict__: the cache state must be shared, so its
-    # forward calls cache inside the wrapped evaluator's over_tasks chunks.
-    from fastmeta.distributed import DistributedEvaluator
-
+def test_reduced_evaluator_caches_inside_its_chunks():
+    # Under a process group the learner sets a reduction on its evaluator (no wrapper object):
+    # over_tasks must still open a feature scope per chunk and hand the task sum to the reduction.
     model = fastmeta.SineMLP(hidden=5).double()
     ev = Evaluator(model, ParamLayout(model, "head"), F.mse_loss, "vmap", feature_cache=True)
-    wrapped = DistributedEvaluator(ev, group=None)
-    assert not wrapped.caches_features
-    with ev.feature_scope():
-        assert wrapped.caches_features
-    assert not wrapped.caches_features
+
+    class Sum:
+        calls = []
+
+        def mean(self, grad_sum, n):
+            self.calls.append(n)
+            return grad_sum / (2 * n)  # a recognisable reduction
+
+    ev.reduction = Sum()
+    seen = []
+    from fastmeta.data import SinusoidTasks
+
+    batch = SinusoidTasks(3, 3, seed=0, dtype=torch.float64).sample(4)
+    g, = ev.over_tasks(lambda b: (seen.append(ev.caches_features) or torch.ones(3, dtype=torch.float64),), batch)
+    assert seen == [True] and not ev.caches_features
+    assert Sum.calls == [4] and torch.equal(g, torch.full((3,), 1 / 8, dtype=torch.float64))

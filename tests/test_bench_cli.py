@@ -3,20 +3,20 @@ import json
 
 import pytest
 
-from fastmeta import bench_cli
+from fastmeta.cli import bench as bench_cmd
 from fastmeta.cli import build_parser
 
 
 def test_bench_subcommand_registered():
     args = build_parser().parse_args(["bench", "--full", "--out", "x", "--no-rss"])
-    assert args.full and args.out == "x" and args.rss is False and args.func is bench_cli.run
+    assert args.full and args.out == "x" and args.rss is False and args.func is bench_cmd.run
     assert build_parser().parse_args(["bench"]).full is False
 
 
 def test_bench_writes_table_and_chart(tmp_path, monkeypatch, capsys):
     # A real run of the suite on the tiny sine preset (peers skipped to keep it quick): every row
     # is gradient-checked, timed, and lands in bench.md / bench.png / bench.json.
-    monkeypatch.setattr(bench_cli, "FAST", dict(cases=[("sine-small", False, 1)], rss=False, accuracy=False))
+    monkeypatch.setattr(bench_cmd.suite(), "FAST", dict(cases=[("sine-small", False, 1)], rss=False, accuracy=False))
     args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--no-peers"])
     assert args.func(args) == 0
     md = (tmp_path / "bench.md").read_text()
@@ -42,7 +42,7 @@ def test_markdown_reports_wrong_and_skipped_rows():
                                  rows={"higher": dict(check=check_ok, ms=10.0, ratio_fastest_peer=1.0, ratio_floor=2.0,
                                                       gflops=200.0, frac_gemm=2.0),
                                        "bad": dict(check=dict(ok=False, rel_err=0.5, dtype="float64"))})])
-    md = bench_cli.markdown(payload)
+    md = bench_cmd.suite().markdown(payload)
     assert "| bad | — |" in md and "**wrong** (rel err 5.0e-01), not timed" in md
     assert "| learn2learn | — |" in md and "skipped: does not build" in md
 
@@ -54,7 +54,7 @@ def test_markdown_reports_accuracy_per_seed():
                diffs={"bf16+fused": dict(diff=-0.01, ci95=0.02, per_seed=[-0.01, -0.01])})
     payload = dict(command="c", date="d", accuracy=acc, results=[],
                    machine=dict(cpu="cpu", isa="", cores=2, threads=2, torch="t", python="p", load1=1.0, cuda=False))
-    md = bench_cli.markdown(payload)
+    md = bench_cmd.suite().markdown(payload)
     assert "- bf16+fused: 74.00% mean over seeds (73.00, 75.00)" in md
     assert "paired difference bf16+fused − fp32: -1.00 ± 2.00 points" in md and "per seed -1.00, -1.00" in md
 

@@ -1,4 +1,4 @@
-"""The "bmm" strategy (fastmeta.batched.BmmPlan): Linear/activation models run as batched matmuls
+"""The "bmm" strategy (fastmeta.evaluation.BmmPlan): Linear/activation models run as batched matmuls
 over tasks. Same oracles as the other strategies (tests/reference.py, float64, 1e-9 relative):
 MAML / FO-MAML (Sharp-MAML Alg. 2 / eq. 9 inner step, Fallah eqs. 5 and 8), HF-MAML (Fallah
 eqs. 10-11 with the per-task shared-parameter rows), Sharp-MAML low / up / both (eqs. 11-13)."""
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta
-from fastmeta.batched import BmmPlan, Evaluator
+from fastmeta.evaluation import BmmPlan, Evaluator
 from fastmeta.params import ParamLayout
 from fastmeta.tasks import TaskBatch
 
@@ -137,7 +137,7 @@ def test_losses_of_elementwise_losses_are_per_task_means(strategy, loss):
 
 def test_structured_inner_loop_returns_what_the_rows_loop_returns():
     """inner_loop(structured=True) on bmm: per-parameter tensors equal to the rows loop's rows."""
-    from fastmeta.batched import inner_loop
+    from fastmeta.evaluation import inner_loop
 
     model, batch, loss_fn, lr = mlp_case()
     layout = ParamLayout(model)

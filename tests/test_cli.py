@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastmeta.cli import main
-from fastmeta.train import load_checkpoint, save_checkpoint
+from fastmeta.training import load_checkpoint, save_checkpoint
 
 
 def test_train_and_evaluate_sinusoid(tmp_path, capsys):
@@ -35,7 +35,7 @@ def test_train_omniglot_tiny(tmp_path, omniglot_zips, capsys):
 def test_time_limit_stops_meta_training_then_meta_tests(tmp_path, monkeypatch, capsys):
     import types
 
-    import fastmeta.train as train_mod
+    import fastmeta.training.loop as train_mod
 
     ticks = iter(range(0, 10 ** 6, 20))  # a fake clock: every read advances 20 s
     monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
@@ -77,7 +77,7 @@ def test_default_job_learns_to_adapt(tmp_path, monkeypatch, capsys):
     # and below 1.0 (issue 2's acceptance bar).
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["fastmeta"])
-    from fastmeta import train as train_mod
+    from fastmeta import training as train_mod
 
     seen = {}
     real = train_mod.train
@@ -86,7 +86,7 @@ def test_default_job_learns_to_adapt(tmp_path, monkeypatch, capsys):
         seen.update(real(cfg, log))
         return seen
 
-    monkeypatch.setattr("fastmeta.cli.train", spy)
+    monkeypatch.setattr("fastmeta.cli.train.train", spy)
     assert main([]) == 0
     print(capsys.readouterr().out)
     assert seen["test_tasks"] == 1000

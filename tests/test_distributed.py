@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import fastmeta
 from fastmeta import distributed as fd
+from fastmeta import training
 from fastmeta.data import SinusoidTasks
 
 from reference import rel_err
@@ -63,7 +64,7 @@ def _grad_worker(rank, world):
         for name in ALGOS:
             learner = _learner(name)  # process_group=None: the default group is used
             res = learner.meta_gradient(sampler.sample(STEP))
-            out[(name, T)] = (list(sampler.indices(STEP)), res.grad, learner._dist_ev.reductions)
+            out[(name, T)] = (list(sampler.indices), res.grad, learner.reduction.reductions)
     return out
 
 
@@ -115,11 +116,11 @@ def _cfg(**kw):
 
 
 def _train_worker(rank, world, cfg):
-    return fd.train(cfg, log=lambda *a, **k: None)["final_params"]
+    return training.train(cfg, log=lambda *a, **k: None)["final_params"]
 
 
 def _quiet_train(cfg):
-    return fd.train(cfg, log=lambda *a, **k: None)["final_params"]
+    return training.train(cfg, log=lambda *a, **k: None)["final_params"]
 
 
 # float32: the 2 ranks sum their tasks' gradients in another order than one process does (one
@@ -158,11 +159,12 @@ def _limited_train_worker(rank, world, cfg):
 
     if rank == 1:
         # Only rank 1's clock runs out (after 7 reads): the ranks must still stop at the same step,
-        # or rank 0 would wait forever in the next gradient all-reduce.
+        # or rank 0 would wait forever in the next gradient all-reduce. The loop reads the clock
+        # once per step and TaskReduction twice per all-reduce: read 7 is the check before step 3.
         reads = iter(range(10 ** 6))
-        fd.time = types.SimpleNamespace(perf_counter=lambda: 0.0 if next(reads) < 7 else 1e6,
-                                        monotonic=time.monotonic)
-    s = fd.train(cfg, log=lambda *a, **k: None)
+        clock = types.SimpleNamespace(perf_counter=lambda: 0.0 if next(reads) < 7 else 1e6, monotonic=time.monotonic)
+        training.loop.time = fd.reduce.time = clock
+    s = training.train(cfg, log=lambda *a, **k: None)
     return s["steps"], s["final_params"]
 
 
@@ -240,8 +242,94 @@ def test_cli_nproc_routes_to_the_launcher(monkeypatch):
         seen.update(cfg=cfg, nproc=nproc)
         return {}
 
-    monkeypatch.setattr(fd, "launch_train", fake_launch_train)
+    monkeypatch.setattr(training.loop, "launch_train", fake_launch_train)
     from fastmeta.cli import main
 
     assert main(["train", "--nproc", "2", "--dist-timeout", "30", "--steps", "1", "--no-progress"]) == 0
     assert seen["nproc"] == 2 and seen["cfg"]["dist_timeout"] == 30.0 and seen["cfg"]["meta_batch"] == 25
+
+
+# ---------------------------------------------------------------------------------------------
+def _reduction_worker(rank, world):
+    red = fd.TaskReduction(dist.group.WORLD)
+    n_local = rank + 1  # uneven task counts: 1 and 2
+    g = red.mean(torch.full((3,), float(rank + 1)) * n_local, n_local)
+    return (g, red.reductions, red.comm_seconds, red.agree(f"choice of rank {rank}"),
+            fd.any_rank(rank == 1, dist.group.WORLD), fd.any_rank(False, dist.group.WORLD))
+
+
+def test_task_reduction_mean_agree_and_any_rank():
+    res = fd.launch(_reduction_worker, 2, timeout=HARD_LIMIT, pg_timeout=PG_TIMEOUT, start_method=START, threads=1)
+    for g, reductions, comm_seconds, agreed, any_true, any_false in res:
+        # tasks: one with gradient 1 (rank 0), two with gradient 2 (rank 1): mean 5/3, not (1 + 2) / 2
+        assert torch.allclose(g, torch.full((3,), 5.0 / 3.0))
+        assert reductions == 1 and comm_seconds > 0
+        assert agreed == "choice of rank 0"
+        assert any_true is True and any_false is False
+    with pytest.raises(ValueError, match="group"):
+        fd.TaskReduction(None)
+    assert fd.any_rank(True, None) is True  # one process: the flag itself
+
+
+def test_plain_run_keeps_its_task_stream(tmp_path):
+    # Without nproc/resume/torchrun the loop samples src.train.sample(meta_batch), as a hand-written
+    # loop does; with nproc (even 1) it samples the sharded stream and records sampler="sharded".
+    cfg = _cfg(steps=2, nproc=None, strategy="loop", out=str(tmp_path / "plain.pt"))
+    plain = training.train(cfg, log=lambda *a, **k: None)
+    sharded = training.train(dict(cfg, nproc=1, out=str(tmp_path / "sharded.pt")), log=lambda *a, **k: None)
+
+    torch.manual_seed(cfg["seed"])
+    src = training.TaskSource(cfg)
+    model = fastmeta.models.build_model(src.model_config)
+    learner = training.learner_from_config(cfg, model, src.loss_fn)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"])
+    for _ in range(cfg["steps"]):
+        opt.zero_grad()
+        learner.step(src.train.sample(cfg["meta_batch"]))
+        opt.step()
+    by_hand = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(plain["final_params"], by_hand)
+    assert rel_err(sharded["final_params"], by_hand) > 1e-4  # another task stream
+
+    plain_cfg = training.load_checkpoint(tmp_path / "plain.pt")["config"]
+    sharded_cfg = training.load_checkpoint(tmp_path / "sharded.pt")["config"]
+    assert "sampler" not in plain_cfg and "world_size" not in plain_cfg
+    assert sharded_cfg["sampler"] == "sharded" and sharded_cfg["world_size"] == 1
+    # One summary for every run: the same keys, with no communication in one process.
+    assert set(plain) == set(sharded) >= {"world_size", "rank", "comm_seconds", "all_reduces", "final_params",
+                                          "pre_adaptation_mse", "test_loss_ci95", "learner"}
+    assert (plain["world_size"], plain["rank"], plain["comm_seconds"], plain["all_reduces"]) == (1, 0, 0.0, 0)
+    assert plain["learner"].reduction is None
+    with pytest.raises(ValueError, match="resume: the checkpoint was not written by a `--nproc` run"):
+        training.train(dict(cfg, resume=True), log=lambda *a, **k: None)
+
+
+def test_python_dash_m_bench_entry_point():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fastmeta.distributed", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "--start-method" in r.stdout
+
+
+def test_distributed_imports_no_training_learner_or_cli():
+    # The learner imports fastmeta.distributed.group / .reduce, and fastmeta.training imports the
+    # package: any import back (function-level ones included) would close a circle.
+    import ast
+    from pathlib import Path
+
+    forbidden = ("fastmeta.training", "fastmeta.learner", "fastmeta.cli", "fastmeta.evaluation")
+    pkg = Path(fd.__file__).parent
+    for path in sorted(pkg.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "fastmeta.distributed".split(".")[: 3 - node.level] if node.level else []
+                src = ".".join(base + ([node.module] if node.module else []))
+                names = [src] + [f"{src}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if n.startswith(forbidden)]
+            assert not bad, f"{path.name} imports {bad}"

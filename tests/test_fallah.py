@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import fastmeta
-from fastmeta.batched import Evaluator
+from fastmeta.evaluation import Evaluator
 from fastmeta.params import ParamLayout
 from fastmeta.tasks import TaskBatch
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastmeta
-from fastmeta.batched import Evaluator
+from fastmeta.evaluation import Evaluator
 from fastmeta.params import ParamLayout
 from fastmeta.tasks import TaskBatch
 

@@ -11,7 +11,7 @@ import torch
 
 import fastmeta
 from fastmeta.algorithms.base import MetaResult
-from fastmeta.batched import Evaluator
+from fastmeta.evaluation import Evaluator
 from fastmeta.params import ParamLayout
 from fastmeta.tasks import TaskBatch
 

@@ -8,7 +8,7 @@ import torch
 
 import fastmeta
 from fastmeta.algorithms.registry import FACTORIES, add_algorithm_args, build_algorithm
-from fastmeta.batched import Evaluator
+from fastmeta.evaluation import Evaluator
 
 from reference import conv_case, flat, maml_meta_grad, mlp_case, rel_err, run, sharp_maml_meta_grad
 

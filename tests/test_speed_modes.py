@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmeta
-from fastmeta.batched import ChannelsLast, Evaluator
+from fastmeta.evaluation import ChannelsLast, Evaluator
 from fastmeta.data import SinusoidTasks
 from fastmeta.models import Conv4, SineMLP
 from fastmeta.params import ParamLayout

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from ..batched import Evaluator, inner_loop
+from .._checks import positive_float, positive_int
+from ..evaluation import Evaluator, inner_loop
 from ..params import ParamLayout
 from ..tasks import TaskBatch
 
@@ -34,12 +35,8 @@ class Algorithm:
     name = "algorithm"
 
     def __init__(self, inner_lr: float, inner_steps: int = 1):
-        if not (isinstance(inner_lr, (int, float)) and inner_lr > 0):
-            raise ValueError(f"inner_lr: expected a positive float, got {inner_lr!r}")
-        if not (isinstance(inner_steps, int) and inner_steps >= 1):
-            raise ValueError(f"inner_steps: expected an int >= 1, got {inner_steps!r}")
-        self.inner_lr = float(inner_lr)
-        self.inner_steps = inner_steps
+        self.inner_lr = positive_float(inner_lr, "inner_lr")
+        self.inner_steps = positive_int(inner_steps, "inner_steps")
 
     def meta_grad(self, ev: Evaluator, layout: ParamLayout, theta: torch.Tensor, batch: TaskBatch) -> MetaResult:
         raise NotImplementedError

@@ -5,19 +5,15 @@ from typing import Union
 
 import torch
 
-from ..batched import Evaluator
+from .._checks import positive_float
+from ..evaluation import Evaluator
 from ..params import ParamLayout
 from ..tasks import TaskBatch
+from ._shared import per_task_grads
 from .base import Algorithm
 
 # Theorem 4.12 (MAML): beta = beta~/12; 4.15 (FO-MAML): /18; 4.17 (HF-MAML): /25.
 DEFAULT_C = {"maml": 1.0 / 12.0, "fomaml": 1.0 / 18.0, "hfmaml": 1.0 / 25.0}
-
-
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: expected a float > 0, got {value!r}")
-    return float(value)
 
 
 class FallahStepSize:
@@ -47,38 +43,25 @@ class FallahStepSize:
     """
 
     def __init__(self, L: float, rho: float, inner_lr: float, c: Union[float, str, Algorithm] = "maml"):
-        self.L = _positive(L, "L")
-        self.rho = _positive(rho, "rho")
-        self.inner_lr = _positive(inner_lr, "inner_lr")
+        self.L = positive_float(L, "L")
+        self.rho = positive_float(rho, "rho")
+        self.inner_lr = positive_float(inner_lr, "inner_lr")
         if isinstance(c, Algorithm):
             c = DEFAULT_C.get(c.name, DEFAULT_C["maml"])
         elif isinstance(c, str):
             if c not in DEFAULT_C:
                 raise ValueError(f"c: expected a float or one of {sorted(DEFAULT_C)}, got {c!r}")
             c = DEFAULT_C[c]
-        self.c = _positive(c, "c")
+        self.c = positive_float(c, "c")
 
     def task_grad_norms(self, ev: Evaluator, layout: ParamLayout, theta: torch.Tensor,
                         batch: TaskBatch) -> torch.Tensor:
         """``[T]``: ``||grad f_j(w; D_beta^j)||`` over all P meta-parameters, D_beta = support set."""
-        theta = theta.detach()
-        adapted, shared = layout.split(theta)
-        has_shared = layout.P > layout.D
+        adapted, shared = layout.split(theta.detach())
         norms = []
         for b in ev.chunks(batch):
-            T = b.num_tasks
-            rows = adapted.expand(T, -1).requires_grad_()
-            if has_shared:
-                # One copy of the shared parameters per task: per-task gradients from one backward.
-                sh = shared.expand(T, -1).requires_grad_()
-                loss = ev.losses(rows, sh, b.support_x, b.support_y)
-                g_rows, g_sh = torch.autograd.grad(loss.sum(), [rows, sh])
-                sq = g_rows.pow(2).sum(1) + g_sh.pow(2).sum(1)
-            else:
-                loss = ev.losses(rows, shared, b.support_x, b.support_y)
-                (g_rows,) = torch.autograd.grad(loss.sum(), rows)
-                sq = g_rows.pow(2).sum(1)
-            norms.append(sq.sqrt())
+            _, g = per_task_grads(ev, adapted, shared, b.support_x, b.support_y)
+            norms.append(g.pow(2).sum(1).sqrt())
         return torch.cat(norms)
 
     def L_tilde(self, grad_norms: torch.Tensor) -> float:

@@ -5,11 +5,13 @@ from typing import Optional
 
 import torch
 
-from ..batched import Evaluator, inner_loop
+from .._checks import positive_float
+from ..evaluation import Evaluator, inner_loop
 from ..params import ParamLayout
 from ..profiling import annotate
 from ..tasks import TaskBatch
 from .. import ops
+from ._shared import per_task_grads
 from .base import Algorithm, MetaResult
 
 
@@ -78,12 +80,10 @@ class HFMAML(Algorithm):
         super().__init__(inner_lr, inner_steps)
         if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta > 0):
             raise ValueError(f"delta: expected None (Theorem 4.17 rule) or a float > 0, got {delta!r}")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
-            raise ValueError(f"rho: expected a float > 0, got {rho!r}")
+        self.rho = positive_float(rho, "rho")
         if fd_dtype is not None and fd_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"fd_dtype: expected None, torch.float32 or torch.float64, got {fd_dtype!r}")
         self.delta = None if delta is None else float(delta)
-        self.rho = float(rho)
         self.fd_dtype = fd_dtype
 
     def deltas(self, v: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class HFMAML(Algorithm):
         return torch.where(norm > 0, 1.0 / (6.0 * self.rho * self.inner_lr * safe), torch.ones_like(norm))
 
     def _fd_step(self, ev: Evaluator, w_k: torch.Tensor, shared: torch.Tensor, v: torch.Tensor,
-                 x: torch.Tensor, y: torch.Tensor, has_shared: bool):
+                 x: torch.Tensor, y: torch.Tensor):
         """One finite-difference factor ``(I - alpha H(w_k))`` applied to ``v`` ``[T, P]``.
 
         Returns the new ``[T, P]`` (adapted part: the chain's next vector; shared part: the
@@ -109,41 +109,27 @@ class HFMAML(Algorithm):
         delta = self.deltas(v_rows)
         with annotate("hvp"):
             # Fallah eq. 11: rows w_k + delta v, then w_k - delta v -- all tasks in one matrix.
-            pts = ops.fd_hvp_points(w_k.detach().to(fdt), v_rows, delta).detach().requires_grad_()
+            pts = ops.fd_hvp_points(w_k.detach().to(fdt), v_rows, delta)
             x2 = torch.cat([x, x]).to(fdt) if x.is_floating_point() else torch.cat([x, x])
             y2 = torch.cat([y, y]).to(fdt) if y.is_floating_point() else torch.cat([y, y])
-            if has_shared:
-                # One copy of phi per row: per-task gradients w.r.t. phi from the same backward.
-                sh2 = shared.detach().to(fdt).expand(2 * T, -1).requires_grad_()
-                loss = ev.losses(pts, sh2, x2, y2)
-                g_rows, g_sh = torch.autograd.grad(loss.sum(), [pts, sh2])
-                grads = torch.cat([g_rows, g_sh], dim=1)
-            else:
-                _, grads = ev.grads(pts, shared.detach().to(fdt), x2, y2)
+            # [2T, P]: with shared parameters phi, one copy of phi per row gives the per-task
+            # gradients w.r.t. phi from the same backward.
+            _, grads = per_task_grads(ev, pts, shared.to(fdt), x2, y2)
             out = ops.fd_hvp_combine(v.to(fdt), grads[:T], grads[T:], delta, self.inner_lr, reduce="none")
         return out.to(v.dtype), delta
 
     def meta_grad(self, ev: Evaluator, layout: ParamLayout, theta: torch.Tensor, batch: TaskBatch) -> MetaResult:
         theta = theta.detach()
         adapted, shared = layout.split(theta)
-        has_shared = layout.P > layout.D
 
         def task_pass(b: TaskBatch):
-            T = b.num_tasks
             with annotate("inner"):
                 # Fallah eq. 4 (K times): first-order inner loop, iterates kept for the HVPs.
                 w, iterates = inner_loop(ev, adapted, shared, b.support_x, b.support_y,
                                          self.inner_lr, self.inner_steps, create_graph=False)
             with annotate("outer"):
-                w = w.detach().requires_grad_()
-                if has_shared:
-                    sh = shared.expand(T, -1).requires_grad_()
-                    q, out = ev.losses(w, sh, b.query_x, b.query_y, return_outputs=True)
-                    g_w, g_sh = torch.autograd.grad(q.sum(), [w, sh])
-                    v = torch.cat([g_w, g_sh], dim=1)  # [T, P]: per-task query gradient over Theta
-                else:
-                    q, out = ev.losses(w, shared, b.query_x, b.query_y, return_outputs=True)
-                    (v,) = torch.autograd.grad(q.sum(), w)
+                # v [T, P]: the per-task query gradient over Theta (adapted rows and shared phi).
+                q, v, out = per_task_grads(ev, w, shared, b.query_x, b.query_y, return_outputs=True)
             x_h, y_h = b.hessian
             deltas = []
             # Backward through the inner steps: v <- (I - alpha H(w_k)) v, last step first.
@@ -151,10 +137,10 @@ class HFMAML(Algorithm):
                 # Adapted columns: the chain's next vector. Shared columns: the query gradient
                 # plus each step's mixed term -alpha d_phi (they are not multiplied by later
                 # factors, since phi is not updated by the inner loop).
-                v, delta = self._fd_step(ev, iterates[k], shared, v, x_h, y_h, has_shared)
+                v, delta = self._fd_step(ev, iterates[k], shared, v, x_h, y_h)
                 deltas.append(delta.to(v.dtype))
             deltas.reverse()
-            return v.sum(0), q.detach(), out.detach(), torch.stack(deltas, dim=1)
+            return v.sum(0), q, out, torch.stack(deltas, dim=1)
 
         g, q, out, deltas = ev.over_tasks(task_pass, batch)
         return MetaResult(g, q, out, extras={"delta": deltas})

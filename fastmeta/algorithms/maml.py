@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..batched import Evaluator, inner_loop
+from ..evaluation import Evaluator, inner_loop
 from ..params import ParamLayout
 from ..profiling import annotate
 from ..tasks import TaskBatch

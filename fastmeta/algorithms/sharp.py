@@ -6,26 +6,13 @@ from typing import Optional
 
 import torch
 
-from ..batched import Evaluator
+from .._checks import nonnegative_float, unit_fraction
+from ..evaluation import Evaluator, inner_loop
 from ..params import ParamLayout
 from ..profiling import annotate
 from ..tasks import TaskBatch
 from .. import ops
 from .base import Algorithm, MetaResult
-
-
-def _check_radius(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name}: expected a float >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_unit(value, name: str) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
-        raise ValueError(f"{name}: expected None or a float in (0, 1], got {value!r}")
-    return float(value)
 
 
 class SharpMAML(Algorithm):
@@ -88,11 +75,11 @@ class SharpMAML(Algorithm):
                  first_order: bool = False, swp_keep_prob: Optional[float] = None,
                  sds_ratio: Optional[float] = None, seed: Optional[int] = None):
         super().__init__(inner_lr, inner_steps)
-        self.alpha_low = _check_radius(alpha_low, "alpha_low")
-        self.alpha_up = _check_radius(alpha_up, "alpha_up")
+        self.alpha_low = nonnegative_float(alpha_low, "alpha_low")
+        self.alpha_up = nonnegative_float(alpha_up, "alpha_up")
         self.first_order = bool(first_order)
-        self.swp_keep_prob = _check_unit(swp_keep_prob, "swp_keep_prob")
-        self.sds_ratio = _check_unit(sds_ratio, "sds_ratio")
+        self.swp_keep_prob = unit_fraction(swp_keep_prob, "swp_keep_prob")
+        self.sds_ratio = unit_fraction(sds_ratio, "sds_ratio")
         if self.alpha_low == 0 and (self.swp_keep_prob is not None or self.sds_ratio is not None):
             name = "swp_keep_prob" if self.swp_keep_prob is not None else "sds_ratio"
             raise ValueError(f"{name}: ESAM options act on the inner SAM step and need alpha_low > 0")
@@ -132,38 +119,36 @@ class SharpMAML(Algorithm):
         ``reuse``: per step ``(eps [T, D], idx [T, k] or None)`` from pass 1 (Sharp-MAML_both, eq. 14).
         Returns the adapted rows ``[T, D]`` and the per-step ``(eps, idx)`` used.
         """
-        T = x.shape[0]
-        w = rows.expand(T, -1) if rows.dim() == 1 else rows
         used = []
-        for k in range(self.inner_steps):
-            xs, ys = x, y
-            if self.alpha_low > 0:
-                with annotate("perturb"):
-                    if reuse is not None:
-                        eps, idx = reuse[k]
-                    else:
-                        g, per_clean = self._support_grad(ev, w, shared, x, y)
-                        mask = None if masks is None else masks[k]
-                        # eq. 11 (with ESAM's SWP mask): eps_m = alpha_low (g*mask) / ||g*mask||, a constant.
-                        eps = ops.sam_perturb(torch.zeros_like(g), g, self.alpha_low, mask=mask)
-                        idx = None
-                        if self.sds_ratio is not None:
-                            with torch.no_grad():
-                                per_pert = ev.losses(w.detach() + eps, shared, x, y, per_sample=True)
-                            # ESAM SDS: keep the samples whose loss rises most; in their original order.
-                            idx = ops.sds_select(per_clean, per_pert, self.sds_ratio).sort(dim=1).values
-                    used.append((eps, idx))
-                    w_grad_at = w + eps
-                    if idx is not None:
-                        ar = torch.arange(T, device=idx.device)[:, None]
-                        xs, ys = x[ar, idx], y[ar, idx]
-            else:
-                w_grad_at = w
-            with annotate("inner"):
-                # eq. 9 / 22: step from w with the gradient at the perturbed point; the graph (second
-                # order) makes eq. 10's Hessian at w + eps appear in the meta-gradient.
-                _, g_step = ev.grads(w_grad_at, shared, xs, ys, create_graph=not self.first_order)
-            w = w - self.inner_lr * g_step
+
+        def perturbed(k: int, w: torch.Tensor):
+            # Where step k takes its gradient: w + eps_{m,k}, on the SDS-kept samples if any.
+            with annotate("perturb"):
+                if reuse is not None:
+                    eps, idx = reuse[k]
+                else:
+                    g, per_clean = self._support_grad(ev, w, shared, x, y)
+                    mask = None if masks is None else masks[k]
+                    # eq. 11 (with ESAM's SWP mask): eps_m = alpha_low (g*mask) / ||g*mask||, a constant.
+                    eps = ops.sam_perturb(torch.zeros_like(g), g, self.alpha_low, mask=mask)
+                    idx = None
+                    if self.sds_ratio is not None:
+                        with torch.no_grad():
+                            per_pert = ev.losses(w.detach() + eps, shared, x, y, per_sample=True)
+                        # ESAM SDS: keep the samples whose loss rises most; in their original order.
+                        idx = ops.sds_select(per_clean, per_pert, self.sds_ratio).sort(dim=1).values
+                used.append((eps, idx))
+                if idx is None:
+                    return w + eps, x, y
+                ar = torch.arange(x.shape[0], device=idx.device)[:, None]
+                return w + eps, x[ar, idx], y[ar, idx]
+
+        with annotate("inner"):
+            # eq. 9 / 22: step from w with the gradient at the perturbed point; the graph (second
+            # order) makes eq. 10's Hessian at w + eps appear in the meta-gradient.
+            w, _ = inner_loop(ev, rows, shared, x, y, self.inner_lr, self.inner_steps,
+                              create_graph=not self.first_order,
+                              grad_at=perturbed if self.alpha_low > 0 else None)
         return w, used
 
     # ------------------------------------------------------------------ meta-gradient

@@ -1,7 +1,7 @@
 """What the analysis tools evaluate: one objective on rows of full meta-parameter vectors.
 
 Landscapes and sharpness need the loss at many *different* meta-parameter vectors ``Theta``
-(grid points, perturbed points, one per task). fastmeta's :class:`~fastmeta.batched.Evaluator`
+(grid points, perturbed points, one per task). fastmeta's :class:`~fastmeta.evaluation.Evaluator`
 already evaluates many rows of adapted parameters at once, but it shares one vector of
 non-adapted ("shared") parameters across rows. Here every row must be a whole ``Theta`` ``[P]``,
 so the analysis uses a second layout in which *all* meta-parameters are row entries, in the
@@ -20,14 +20,14 @@ The two objectives, for task m with support set D_m and query set D'_m (Sharp-MA
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ..batched import Evaluator, candidate_strategies, inner_loop, resolve_loss
+from .. import _checks
+from ..evaluation import STRATEGIES, Evaluator, candidate_strategies, inner_loop, resolve_loss, time_strategies
 from ..learner import MetaLearner
 from ..params import ParamLayout
 from ..tasks import TaskBatch
@@ -75,12 +75,11 @@ def as_target(obj, loss_fn=None, inner_lr: Optional[float] = None, inner_steps: 
         strat = strategy or "auto"
     else:
         raise ValueError(f"learner: expected a fastmeta.MetaLearner or an nn.Module, got {type(obj).__name__}")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"inner_lr: expected a positive float, got {lr!r}")
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"inner_steps: expected an int >= 1, got {k!r}")
-    if strat not in ("auto", "vmap", "loop", "bmm"):
-        raise ValueError(f"strategy: expected 'auto', 'vmap', 'loop' or 'bmm', got {strat!r}")
+    if lr is not None:
+        lr = _checks.positive_float(lr, "inner_lr")
+    _checks.positive_int(k, "inner_steps")
+    if strat not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strat!r}")
     full = layout if not layout.shared else ParamLayout(model, adapt=layout.adapted + layout.shared)
     mask = None
     if layout.shared:
@@ -91,12 +90,7 @@ def as_target(obj, loss_fn=None, inner_lr: Optional[float] = None, inner_steps: 
 
 
 def check_batch(tg: Target, batch: TaskBatch) -> None:
-    if not isinstance(batch, TaskBatch):
-        raise ValueError(f"batch: expected a fastmeta.TaskBatch, got {type(batch).__name__}")
-    if batch.device != tg.layout.device:
-        raise ValueError(f"batch: is on {batch.device} but the model is on {tg.layout.device}")
-    if batch.support_x.is_floating_point() and batch.support_x.dtype != tg.layout.dtype:
-        raise ValueError(f"batch: inputs are {batch.support_x.dtype} but the model is {tg.layout.dtype}")
+    _checks.check_batch(batch, tg.layout)
 
 
 def check_post_adaptation(tg: Target, post_adaptation: bool) -> None:
@@ -141,24 +135,8 @@ def timed_choice(tg: Target, run: Callable[[Evaluator], object]):
             return ev, run(ev)
         except RuntimeError as e:  # shape/dtype mismatches surface here as torch RuntimeErrors
             raise ValueError(f"batch: the model cannot evaluate this batch: {e}") from e
-    best = None
-    errors = {}
-    for name in candidate_strategies(tg.model):
-        ev = evaluator(tg, name)
-        t0 = time.perf_counter()
-        try:
-            out = run(ev)
-        except Exception as e:  # noqa: BLE001 - a strategy that cannot run this model is skipped
-            errors[name] = f"{type(e).__name__}: {e}"
-            continue
-        dt = time.perf_counter() - t0
-        if best is None or dt < best[0]:
-            best = (dt, ev, out)
-    if best is None:
-        raise ValueError(f"batch: the model cannot evaluate this batch with any strategy: {errors}")
-    return best[1], best[2]
-
-
-def task_accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-row accuracy ``[R]`` from logits ``[R, N, C]`` and labels ``[R, N]``."""
-    return (out.argmax(-1) == y).to(torch.float64).mean(1)
+    choice = time_strategies(candidate_strategies(tg.model), lambda name: evaluator(tg, name), run,
+                             warmup=False, max_rounds=1)
+    if choice.strategy is None:
+        raise ValueError(f"batch: the model cannot evaluate this batch with any strategy: {choice.errors}")
+    return choice.evaluator, choice.result

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-import torch
 
 from ..learner import EvalResult, MetaLearner
 from ..tasks import TaskBatch
@@ -41,11 +40,6 @@ class GeneralizationGap:
         return s
 
 
-def _ci95(x: torch.Tensor) -> float:
-    n = x.numel()
-    return float(1.96 * x.double().std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-
-
 TaskSpec = Union[TaskBatch, Sequence[TaskBatch], object]
 
 
@@ -62,16 +56,7 @@ def _evaluate(learner: MetaLearner, tasks: TaskSpec, num_tasks: Optional[int], c
     else:
         raise ValueError(f"{name}: expected a TaskBatch, a list of TaskBatch, or a sampler with .sample(n), "
                          f"got {type(tasks).__name__}")
-    losses, accs = [], []
-    for b in batches:
-        r = learner.evaluate(b, steps=steps)
-        losses.append(r.per_task_loss)
-        if r.per_task_accuracy is not None:
-            accs.append(r.per_task_accuracy)
-    loss = torch.cat(losses)
-    acc = torch.cat(accs) if accs else None
-    return EvalResult(float(loss.mean()), _ci95(loss), None if acc is None else float(acc.mean()),
-                      None if acc is None else _ci95(acc), loss.numel(), loss, acc)
+    return EvalResult.concat([learner.evaluate(b, steps=steps) for b in batches])
 
 
 def generalization_gap(learner: MetaLearner, train_tasks: TaskSpec, test_tasks: TaskSpec,

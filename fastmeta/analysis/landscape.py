@@ -8,7 +8,7 @@ objective ``L(theta'_m(theta); D'_m)`` (Fig. 1 left, Fig. 4) or the plain loss `
 (the ERM view of Fig. 1 right); see :mod:`fastmeta.analysis._objective`.
 
 Batching: every (grid point, task) pair is one row of a ``[G * T, P]`` matrix, so a chunk of
-``G`` grid points runs as one meta-batch through the :class:`~fastmeta.batched.Evaluator` (one
+``G`` grid points runs as one meta-batch through the :class:`~fastmeta.evaluation.Evaluator` (one
 vmapped call, or one per-task loop whose gradients come from a single backward).
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ..params import ParamLayout
 from ..tasks import TaskBatch
+from ..metrics import accuracy as task_accuracy
 from ._objective import (Target, as_target, check_batch, check_post_adaptation, repeat_tasks, row_objective,
-                         task_accuracy, timed_choice)
+                         timed_choice)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batched import Evaluator, resolve_loss
+from ..evaluation import Evaluator, resolve_loss
 from ..params import Adapt, ParamLayout
 from ..tasks import TaskBatch
 from .lanczos import LanczosResult, lanczos_topk
@@ -195,7 +195,7 @@ def task_hvp_operator(ev: Evaluator, rows: torch.Tensor, shared: torch.Tensor, x
     ``"finite_difference"``: ``(g(w + delta v) - g(w - delta v)) / (2 delta)`` per row, both
     gradients from one batched ``ev.grads`` call on ``2T`` rows. Approximate: error O(delta^2)
     for smooth losses, but on ReLU / max-pool nets the two points can straddle activation kinks
-    (DESIGN.md measures 0.2-60x errors in float32); prefer float64 models for it.
+    (measured: 0.2-60x the HVP's size in float32, docs/design.md); prefer float64 models for it.
     """
     if method not in HVPS:
         raise ValueError(f"hvp: expected one of {HVPS}, got {method!r}")
@@ -258,7 +258,7 @@ def stability_bounds(model: nn.Module, batch: TaskBatch, loss_fn="mse", k: int =
         batch: a :class:`TaskBatch` of T tasks.
         loss_fn: ``"mse"``, ``"cross_entropy"`` or a functional loss accepting ``reduction=``.
         k: eigenvalues per task. max_iter, tol, seed: Lanczos controls.
-        strategy: ``"vmap"``, ``"loop"`` or ``"bmm"`` (see :mod:`fastmeta.batched`).
+        strategy: ``"vmap"``, ``"loop"`` or ``"bmm"`` (see :mod:`fastmeta.evaluation`).
 
     Returns:
         :class:`StabilityBounds` with ``alpha_c``, callable ``beta_c(alpha)``, ``eigenvalues [T, k]``

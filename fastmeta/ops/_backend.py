@@ -8,6 +8,10 @@ Backends (each answers "not supported because ..." for an (op, device) pair):
   under the Triton interpreter (``TRITON_INTERPRET=1`` set before Python imports triton);
 * ``cuda``      - CUDA kernels of ``_C_cuda`` (``csrc/cuda/``), CUDA tensors only.
 
+An (op, backend) pair in :data:`NOT_IMPLEMENTED` has no kernel at all; it answers why before
+anything else (``bn_relu_pool``, the conv-block tail of the CPU speed mode, has reference and cpp
+only: on CUDA tensors the reference runs).
+
 Precedence: the innermost :func:`use_backend` context, then ``FASTMETA_BACKEND``, then the device
 default (CPU: cpp -> reference; CUDA: triton -> cuda -> reference). An explicitly chosen backend that
 cannot run raises :class:`BackendUnavailableError` with its reasons; it never silently falls back.
@@ -27,7 +31,14 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
-OPS = ("row_norm", "sam_perturb", "fd_hvp_points", "fd_hvp_combine", "swp_mask", "sds_select")
+OPS = ("row_norm", "sam_perturb", "fd_hvp_points", "fd_hvp_combine", "swp_mask", "sds_select", "bn_relu_pool")
+# (op, backend) -> why there is no kernel. register() ignores these pairs (the cuda backend module
+# registers the cpp wrappers for every op in OPS), and unavailable_reason() answers with the reason.
+_CPU_SPEED_MODE = "the fused conv-block tail is a CPU speed mode; CUDA tensors run the reference, ATen's batch norm"
+NOT_IMPLEMENTED: dict[tuple[str, str], str] = {
+    ("bn_relu_pool", "triton"): f"not implemented: no Triton kernel ({_CPU_SPEED_MODE})",
+    ("bn_relu_pool", "cuda"): f"not implemented: no CUDA kernel ({_CPU_SPEED_MODE})",
+}
 DEVICE_DEFAULTS = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 ENV_VAR = "FASTMETA_BACKEND"
 
@@ -57,7 +68,8 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
         raise ValueError(f"unknown op/backend {op!r}/{backend!r}")
 
     def deco(fn: Callable) -> Callable:
-        _impls[op][backend] = fn
+        if (op, backend) not in NOT_IMPLEMENTED:
+            _impls[op][backend] = fn
         return fn
 
     return deco
@@ -149,7 +161,10 @@ def unavailable_reason(op: str, backend: str, device: torch.device | str = "cpu"
     """None if ``backend`` can run ``op`` on ``device``, else the reason why not."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
-    reason = _platform_reason(_check_name(backend, "backend"), _device_type(device))
+    missing = NOT_IMPLEMENTED.get((op, _check_name(backend, "backend")))
+    if missing is not None:
+        return missing
+    reason = _platform_reason(backend, _device_type(device))
     if reason is not None:
         return reason
     err = _load_backend(backend)
@@ -222,9 +237,11 @@ def _needs_custom_op(args: tuple) -> bool:
 
 
 def available_backends(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:
-    """Backends that can run ``op`` (default: every op) on ``device`` here."""
-    ops = OPS if op is None else (op,)
-    return [b for b in BACKENDS if all(unavailable_reason(o, b, device) is None for o in ops)]
+    """Backends that can run ``op`` (default: every op the backend implements) on ``device`` here."""
+    if op is not None:
+        return [b for b in BACKENDS if unavailable_reason(op, b, device) is None]
+    return [b for b in BACKENDS
+            if all(unavailable_reason(o, b, device) is None for o in OPS if (o, b) not in NOT_IMPLEMENTED)]
 
 
 def support_table(device: torch.device | str = "cpu") -> dict[str, dict[str, str | None]]:

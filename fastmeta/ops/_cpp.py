@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import _extension
 from ._backend import register
+from .bn_relu_pool import native_ops as _bn_relu_pool_ops
 
 BACKEND = "cpp"
 
@@ -53,3 +54,11 @@ def swp_mask(rows: int, cols: int, keep_prob: float, seed: int, rescale: bool, d
 @register("sds_select", BACKEND)
 def sds_select(loss_clean: Tensor, loss_perturbed: Tensor, k: int) -> Tensor:
     return _native().sds_select(loss_clean, loss_perturbed, k)
+
+
+@register("bn_relu_pool", BACKEND)
+def bn_relu_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    # The native op itself carries the autograd formulas (registered by native_ops()); with grad
+    # off its Autograd kernel redispatches straight to the C++ kernel.
+    out, _idx, mean, invstd = _bn_relu_pool_ops().bn_relu_pool(x, weight, bias, eps)
+    return out, mean, invstd

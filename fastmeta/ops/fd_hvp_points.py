@@ -51,7 +51,7 @@ def fd_hvp_points(theta: Tensor, v: Tensor, delta: float | Tensor) -> Tensor:
     ``(grad f(theta + delta_t v_t) - grad f(theta - delta_t v_t)) / (2 delta_t)``; this op makes the
     ``2T`` points in one pass so the model is evaluated once on all of them (see
     :func:`fd_hvp_combine` for the other half). A finite difference is an approximation, never exact;
-    on ReLU/max-pool nets in float32 it can be far off (DESIGN.md).
+    on ReLU/max-pool nets in float32 it can be far off (docs/design.md).
 
     Args:
         theta: ``[D]`` (shared) or ``[T, D]`` per-task parameters.

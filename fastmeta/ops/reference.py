@@ -2,12 +2,14 @@
 
 These are the oracle every backend is tested against. Arguments are already validated and
 normalized by the public wrappers (``fastmeta/ops/<op>.py``): ``g``/``v`` are ``[T, D]``, ``theta`` is
-``[D]`` or ``[T, D]``, ``radius``/``delta`` are ``[T]`` tensors of the data dtype.
+``[D]`` or ``[T, D]``, ``radius``/``delta`` are ``[T]`` tensors of the data dtype; ``bn_relu_pool``'s
+``x`` is ``[N, C, H, W]`` (NCHW or channels_last) with ``[C]`` weight/bias of the parameter dtype.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import register
@@ -64,3 +66,19 @@ def sds_select(loss_clean: Tensor, loss_perturbed: Tensor, k: int) -> Tensor:
     """Per row the ``k`` indices of largest ``loss_perturbed - loss_clean`` (stable: ties by lower index)."""
     increase = loss_perturbed - loss_clean
     return torch.sort(increase, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
+
+
+@register("bn_relu_pool", BACKEND)
+def bn_relu_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``max_pool2d(relu(batch_norm(x, batch statistics)), 2)``: the ATen composition the cpp kernels fuse.
+
+    ``out`` is differentiable twice through ATen's own formulas (and, like them, not a third time);
+    ``mean`` and ``invstd = 1 / sqrt(biased var + eps)`` per channel ``[C]`` are computed aside, in
+    the parameter dtype (float32 for bfloat16 ``x``), and are not differentiable.
+    """
+    out = F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)), 2)
+    with torch.no_grad():
+        xs = x.float() if x.dtype == torch.bfloat16 else x
+        var, mean = torch.var_mean(xs, dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + eps)
+    return out, mean, invstd

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fastmeta.lr import cli
+from fastmeta.cli import advise as cli
 
 
 @pytest.fixture(autouse=True, scope="module")

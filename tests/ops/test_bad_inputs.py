@@ -45,6 +45,7 @@ CASES = [
     ("sds mixed dtype", lambda: ops.sds_select(g, f64, 0.5), "loss_perturbed"),
     ("sds ratio", lambda: ops.sds_select(g, g, 1.5), "ratio"),
     ("swp keep_prob", lambda: ops.swp_mask((T, D), 0.0, seed=0), "keep_prob"),
+    ("bn_relu_pool x rank", lambda: ops.bn_relu_pool(torch.randn(3, 6, 6)), "x"),
 ]
 
 

@@ -1,6 +1,6 @@
 """Block sizes and the shared first stage of the Triton row reductions.
 
-Under the interpreter the cost grows with programs x block steps (BUILD.md), so blocks are large
+Under the interpreter the cost grows with programs x block steps (docs/building.md), so blocks are large
 there; on a GPU a 1024-wide block with 4 warps is the usual choice. One autotune config each
 (more than one fails under the interpreter: "0 active drivers").
 """

@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import Omniglot, OmniglotTasks, SinusoidTasks
+from ..models import Conv4, SineMLP
+
 DEFAULTS = {  # per task: chosen to keep the default run to a few minutes on 2 shared CPU cores
     "sinusoid": dict(meta_batch=10, k_shot=10, grid=6, iters=40, k=5, sweep=6, bisect=4),
     "omniglot": dict(meta_batch=4, k_shot=1, grid=4, iters=8, k=5, sweep=4, bisect=3),
@@ -56,13 +59,8 @@ def _opt(args, name):
     return DEFAULTS[args.task][name] if v is None else v
 
 
-def _fallah_note() -> str:
-    import fastmeta
-
-    if hasattr(fastmeta, "FallahStepSize"):
-        return ("also available: fastmeta.FallahStepSize, Fallah et al.'s adaptive meta step size "
-                "beta_k = c / L~(w_k) (eqs. 16-17), an alternative to a fixed beta")
-    return ""
+FALLAH_NOTE = ("also available: fastmeta.FallahStepSize, Fallah et al.'s adaptive meta step size "
+               "beta_k = c / L~(w_k) (eqs. 16-17), an alternative to a fixed beta")
 
 
 def run(args) -> int:
@@ -75,10 +73,8 @@ def run(args) -> int:
         summary = _run_linreg(args, out)
     else:
         summary = _run_model(args, out)
-    note = _fallah_note()
-    if note:
-        print(note)
-        summary["fallah"] = note
+    print(FALLAH_NOTE)
+    summary["fallah"] = FALLAH_NOTE
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / f"lr_{args.task}_advice.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"wrote {out}/lr_{args.task}_* in {summary['seconds']} s")
@@ -87,9 +83,9 @@ def run(args) -> int:
 
 # -------------------------------------------------------------------------------------------- linreg
 def _run_linreg(args, out: Path) -> dict:
-    from .experiments import linear_regression_map
-    from .plots import plot_stability_map
-    from .stability import beta_c_exact, beta_c_paper, bounds_from_eigenvalues
+    from ..lr.experiments import linear_regression_map
+    from ..lr.plots import plot_stability_map
+    from ..lr.stability import beta_c_exact, beta_c_paper, bounds_from_eigenvalues
 
     G = _opt(args, "grid")
     alphas = np.logspace(-5, math.log10(9e-2), G)          # the ranges of 2LR sec. 5.1
@@ -124,23 +120,18 @@ def _run_linreg(args, out: Path) -> dict:
 
 # -------------------------------------------------------------------------------------------- models
 def _setup(args):
-    import fastmeta
-    from fastmeta.data import SinusoidTasks
-
     torch.manual_seed(args.seed)
     if args.task == "sinusoid":
-        model = fastmeta.SineMLP()
+        model = SineMLP()
         k = _opt(args, "k_shot")
         tasks = SinusoidTasks(k_shot=k, k_query=10, seed=args.seed)
         test = SinusoidTasks(k_shot=k, k_query=10, seed=args.seed + 1000).sample(200)
         return model, tasks, test, "mse", "vmap"
-    from fastmeta.data import Omniglot, OmniglotTasks
-
     if not args.data_root:
         raise SystemExit("advise: --data-root is required for --task omniglot (nothing is downloaded)")
     data = Omniglot(args.data_root)
     shots = _opt(args, "k_shot")
-    model = fastmeta.Conv4(args.ways, hidden=args.hidden)
+    model = Conv4(args.ways, hidden=args.hidden)
     tasks = OmniglotTasks(data, data.alphabets, ways=args.ways, shots=shots, queries=5, seed=args.seed)
     test = OmniglotTasks(data, data.alphabets, ways=args.ways, shots=shots, queries=5, seed=args.seed + 1000).sample(20)
     return model, tasks, test, "cross_entropy", "loop"
@@ -149,7 +140,7 @@ def _setup(args):
 def _alpha_star(args, model, probe):
     """(alpha*, how) -- Zou eq. 3.3 on tangent features for regression; H.3's online head estimate
     on normalized penultimate features for classification."""
-    from .alpha import OnlineAlphaStar, alpha_star, tangent_features
+    from ..lr.alpha import OnlineAlphaStar, alpha_star, tangent_features
 
     if args.task == "sinusoid":
         fs = tangent_features(model, probe.support_x)
@@ -163,10 +154,10 @@ def _alpha_star(args, model, probe):
 
 
 def _run_model(args, out: Path) -> dict:
-    from .alpha import alpha_star_range
-    from .experiments import alpha_sweep, beta_divergence_boundary, maml_ab_map
-    from .plots import plot_alpha_sweep, plot_stability_map
-    from .stability import stability_bounds
+    from ..lr.alpha import alpha_star_range
+    from ..lr.experiments import alpha_sweep, beta_divergence_boundary, maml_ab_map
+    from ..lr.plots import plot_alpha_sweep, plot_stability_map
+    from ..lr.stability import stability_bounds
 
     progress = not args.no_progress
     model, tasks, test, loss_fn, strategy = _setup(args)
@@ -230,15 +221,3 @@ def _run_model(args, out: Path) -> dict:
                 map_diverged=abm.diverged.tolist(), sweep_alphas=sweep_alphas.tolist(),
                 sweep_post=np.nan_to_num(sw.post, nan=-1).tolist(), sweep_pre=np.nan_to_num(sw.pre, nan=-1).tolist(),
                 sweep_best_alpha=best)
-
-
-def main(argv=None) -> int:
-    """Standalone entry (``python -m fastmeta.lr.cli advise ...``) for use without the lead's CLI."""
-    parser = argparse.ArgumentParser(prog="fastmeta")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

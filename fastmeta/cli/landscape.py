@@ -15,11 +15,11 @@ import re
 import time
 from pathlib import Path
 
-from ..train import TaskSource, learner_from_checkpoint, load_checkpoint
-from .generalization import generalization_gap
-from .landscape import loss_landscape
-from .report import markdown_table, plot_1d, plot_2d, sharpness_dict
-from .sharpness import sharpness
+from ..analysis.generalization import generalization_gap
+from ..analysis.landscape import loss_landscape
+from ..analysis.report import markdown_table, plot_1d, plot_2d, sharpness_dict
+from ..analysis.sharpness import sharpness
+from ..training import TaskSource, learner_from_checkpoint, load_checkpoint
 
 
 def register(subparsers) -> None:

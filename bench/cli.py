@@ -1,15 +1,17 @@
 """``fastmeta bench``: where fastmeta stands against the plain loop, the peers and the compute floor.
 
-Runs the suites of ``bench/`` (fast preset by default, ``--full`` for the README table), checks
-every implementation's meta-gradient against the plain per-task loop before timing it, and writes
-``<out>/bench.md`` (markdown table: step time, ratio to the fastest peer and to the compute floor,
-achieved GFLOP/s as a fraction of the same-run GEMM rate, peak RSS, gradient check) and
-``<out>/bench.png`` (bar chart). ``--full`` also meta-trains Conv-4 on Omniglot in float32, in the
-fused float32 speed mode and in the fused bf16 speed mode from the same seed and reports their
-meta-test accuracies.
+Runs the peer comparison of ``compare.py`` on a preset of workloads (fast by default, ``--full``
+for the README table), which checks every implementation's meta-gradient against the plain
+per-task loop before timing it, and writes ``<out>/bench.md`` (markdown table: step time, ratio to
+the fastest peer and to the compute floor, achieved GFLOP/s as a fraction of the same-run GEMM
+rate, peak RSS, gradient check), ``<out>/bench.png`` (bar chart) and ``<out>/bench.json``.
+``--full`` also meta-trains Conv-4 on Omniglot in float32, in the fused float32 speed mode and in
+the fused bf16 speed mode from the same seed and reports their meta-test accuracies.
 
-The suites live in the source checkout (``bench/``, and the plain loops in ``tests/reference.py``),
-so this command runs from a checkout (``pip install -e .``), not from a wheel.
+``fastmeta/cli/bench.py`` loads this file by path from the source checkout and registers its
+options (``add_arguments``) and ``run`` as the ``bench`` subcommand. Only the standard library is
+imported at load, so building the command line stays cheap; the suite's modules are imported by
+``run``.
 """
 from __future__ import annotations
 
@@ -19,59 +21,61 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 
+# (workload, first order, timing rounds) per case; whether to measure peak RSS and accuracy.
 FAST = dict(cases=[("sine", False, 10), ("conv4-mb4", False, 2)], rss=False, accuracy=False)
 FULL = dict(cases=[("sine", False, 30), ("conv4", False, 8), ("conv4", True, 8)], rss=True, accuracy=True)
+# --smoke (not in --help): the tiny sine preset, one round; checks that the command works end to end.
+SMOKE = dict(cases=[("sine-small", False, 1)], rss=False, accuracy=False)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmark fastmeta vs peers and the compute floor (markdown + PNG)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` options (the caller sets ``func``)."""
     p.add_argument("--full", action="store_true", help="full-size workloads, first+second order, RSS, speed-mode accuracy")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench_results", help="output folder for bench.md, bench.png, bench.json")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds per row (default: per workload)")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip higher/torchopt/learn2learn")
     p.add_argument("--no-rss", dest="rss", action="store_false", default=None, help="skip peak-RSS subprocesses")
     p.add_argument("--accuracy-steps", type=int, default=200, help="--full: meta-training steps per mode")
     p.add_argument("--accuracy-seeds", type=int, default=4, help="--full: training seeds per mode")
-    p.set_defaults(func=run)
 
 
-def _suite():
-    bench = REPO / "bench"
-    if not (bench / "common.py").is_file() or not (REPO / "tests" / "reference.py").is_file():
-        raise SystemExit(f"fastmeta bench: needs the source checkout's bench/ and tests/reference.py (looked in {REPO})")
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))
-    import bench_peers
-    import common
-
-    return common, bench_peers
+def _import_suite() -> None:
+    # The suite's modules import each other by plain name (as pytest and the scripts in bench/
+    # see them); first on the path, so an installed module of the same name cannot stand in.
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
 
 
 def run(args) -> int:
-    common, peers = _suite()
-    preset = FULL if args.full else FAST
+    _import_suite()
+    from compare import format_rows, measure
+    from memory import peak_rss_subprocess
+    from timing import machine
+    from workloads import workload
+
+    preset = SMOKE if args.smoke else FULL if args.full else FAST
     rss = preset["rss"] if args.rss is None else args.rss
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mach = common.machine()
-    command = "fastmeta bench" + (" --full" if args.full else "")
+    mach = machine()
+    command = "fastmeta bench" + (" --smoke" if args.smoke else " --full" if args.full else "")
     print(f"{command}: {mach}")
     results = []
     for key, fo, rounds in preset["cases"]:
-        wl = common.workload(key)
+        wl = workload(key)
         print(f"{wl.title}, {'first' if fo else 'second'} order:", flush=True)
-        res = peers.measure(wl, fo, rounds=args.rounds or rounds, peers=args.peers)
+        res = measure(wl, fo, rounds=args.rounds or rounds, peers=args.peers)
         res["key"] = key
         if rss:
             for name, row in res["rows"].items():
                 if "ms" in row:
-                    row["rss_mib"] = common.peak_rss_subprocess(key, name, fo)
-        print(peers.format_rows(res), flush=True)
+                    row["rss_mib"] = peak_rss_subprocess(key, name, fo)
+        print(format_rows(res), flush=True)
         results.append(res)
-    acc = accuracy_check(common, args.accuracy_steps, args.accuracy_seeds) if preset["accuracy"] else None
+    acc = accuracy_check(args.accuracy_steps, args.accuracy_seeds) if preset["accuracy"] else None
     payload = dict(command=command, machine=mach, results=results, accuracy=acc,
                    date=time.strftime("%Y-%m-%d %H:%M"))
     (out / "bench.json").write_text(json.dumps(payload, indent=1, default=str))
@@ -86,7 +90,7 @@ def run(args) -> int:
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def accuracy_check(common, steps: int, seeds: int = 4, meta_batch: int = 8, test_tasks: int = 400) -> dict | None:
+def accuracy_check(steps: int, seeds: int = 4, meta_batch: int = 8, test_tasks: int = 400) -> dict | None:
     """Meta-train Conv-4 MAML on Omniglot 5w1s in float32, in the fused float32 speed mode and in
     the fused bf16 speed mode, each from the same seeds on the same tasks; meta-test all on the same
     held-out-alphabet tasks. The differences to float32 are paired per seed (same initial weights,
@@ -98,7 +102,10 @@ def accuracy_check(common, steps: int, seeds: int = 4, meta_batch: int = 8, test
     import fastmeta
     from fastmeta.data import OmniglotTasks, split_alphabets
 
-    data = common.omniglot_data()
+    _import_suite()
+    from workloads import omniglot_data
+
+    data = omniglot_data()
     if data is None:
         return dict(skipped="Omniglot subsets not found")
     train, _, test = split_alphabets(data.alphabets, n_test=max(1, len(data.alphabets) // 4))

@@ -1,0 +1,78 @@
+"""``strategy="auto"``: time the candidate evaluation strategies on the caller's own computation
+and keep the fastest. One implementation for :class:`fastmeta.MetaLearner` and
+:mod:`fastmeta.analysis`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from .bmm import BmmPlan
+from .evaluator import EVALUATION_STRATEGIES, Evaluator
+
+STRATEGIES = ("auto",) + EVALUATION_STRATEGIES
+
+
+def candidate_strategies(model: nn.Module) -> tuple[str, ...]:
+    """The strategies ``"auto"`` measures for ``model``: ``loop`` and ``vmap``, plus ``bmm`` where the
+    model qualifies (:meth:`BmmPlan.reason`)."""
+    return ("loop", "vmap") + (("bmm",) if BmmPlan.reason(model) is None else ())
+
+
+@dataclass
+class StrategyChoice:
+    """The outcome of :func:`time_strategies`.
+
+    strategy: the fastest candidate (``None`` if every candidate failed). evaluator: its evaluator.
+    result: what ``run`` returned in the chosen strategy's last call. timings: best seconds per
+    candidate that ran. errors: ``"Type: message"`` per candidate that failed. rounds: timed rounds.
+    """
+
+    strategy: Optional[str] = None
+    evaluator: Optional[Evaluator] = None
+    result: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    rounds: int = 0
+
+
+def time_strategies(candidates, make_evaluator: Callable[[str], Evaluator], run: Callable[[Evaluator], Any], *,
+                    warmup: bool = True, max_rounds: int = 7, budget_s: float = 1.0) -> StrategyChoice:
+    """Time ``run(evaluator)`` for every candidate strategy and keep the fastest.
+
+    With ``warmup``, each candidate first runs once untimed (vmap traces, oneDNN picks kernels).
+    Then the candidates run round-robin and each keeps its minimum, so a stall of the machine
+    (another process, CPU steal on a VM) spoils single calls, not a whole strategy: at least one
+    round, more (up to ``max_rounds``) while the rounds so far took less than ``budget_s`` in all.
+    A candidate whose evaluator or run raises is dropped with its reason in ``errors``.
+    """
+    choice = StrategyChoice()
+    evs, results = {}, {}
+    for name in candidates:
+        try:
+            ev = make_evaluator(name)
+            if warmup:
+                results[name] = run(ev)
+            evs[name] = ev
+        except Exception as e:  # noqa: BLE001 - any failure disqualifies the strategy
+            choice.errors[name] = f"{type(e).__name__}: {e}"
+    spent = 0.0
+    while evs and (choice.rounds < 1 or (choice.rounds < max_rounds and spent < budget_s)):
+        for name, ev in list(evs.items()):
+            t0 = time.perf_counter()
+            try:
+                results[name] = run(ev)
+            except Exception as e:  # noqa: BLE001
+                choice.errors[name] = f"{type(e).__name__}: {e}"
+                del evs[name]
+                continue
+            dt = time.perf_counter() - t0
+            choice.timings[name] = min(choice.timings.get(name, float("inf")), dt)
+            spent += dt
+        choice.rounds += 1
+    if choice.timings:
+        choice.strategy = min(choice.timings, key=choice.timings.get)
+        choice.evaluator, choice.result = evs[choice.strategy], results[choice.strategy]
+    return choice
