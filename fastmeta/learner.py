@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -9,14 +10,18 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_batch
+from ._checks import check_batch, positive_int
 from .algorithms.base import Algorithm, MetaResult
 from .distributed.group import resolve_group
 from .distributed.reduce import TaskReduction
 from .evaluation import STRATEGIES, Evaluator, FeatureSplit, candidate_strategies, resolve_loss, time_strategies
+from .evaluation.losses import target_mismatch
+from .evaluation.strategy import no_trace
 from .metrics import accuracy, ci95
 from .params import Adapt, ParamLayout
 from .tasks import TaskBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,6 +146,9 @@ class MetaLearner:
             else:
                 self._feature_cache_off = split.reason
         self.strategy = strategy
+        # Per input/target signature: the model's number of classes (None for regression), from
+        # the up-front probe of the first batch with that signature (see _probe).
+        self._probed: dict[tuple, Optional[int]] = {}
         self.strategy_timings: dict[str, float] = {}
         self.strategy_reason: str = "" if strategy == "auto" else "chosen by the caller"
         # Opt-in CPU speed modes, passed to every Evaluator (validated there: bf16 needs float32).
@@ -193,15 +201,48 @@ class MetaLearner:
         sub = batch.select(slice(0, min(4, batch.num_tasks)))
         theta = self.layout.flatten(self.model)
         candidates = candidate_strategies(self.model)
-        choice = time_strategies(candidates, self._new_evaluator,
-                                 lambda ev: self.algorithm.meta_grad(ev, self.layout, theta, sub))
+        with no_trace(self.model):  # timing passes must not move running statistics or the RNG
+            choice = time_strategies(candidates, self._new_evaluator,
+                                     lambda ev: self.algorithm.meta_grad(ev, self.layout, theta, sub))
         self.strategy_timings.update(choice.timings)
         if choice.strategy is None:
             raise RuntimeError(f"strategy: none of {candidates} could evaluate this model: {choice.errors}")
         times = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.strategy_timings.items())
         self.strategy_reason = f"auto: measured on {sub.num_tasks} tasks, best of {choice.rounds} ({times})" + (
             f"; failed: {choice.errors}" if choice.errors else "")
+        logger.info("strategy %r chosen (%s)", choice.strategy, self.strategy_reason)
         return choice.evaluator
+
+    def _probe(self, batch: TaskBatch) -> None:
+        # Before any algorithm runs on a batch of a new input/target signature: evaluate the first
+        # task's support and query sets once (no graph, no trace) so that a model that cannot take
+        # the inputs, or targets that the loss would broadcast, fail here with the field's name.
+        # Per batch after that: integer labels within the model's number of classes (no sync:
+        # TaskBatch measured the label range when it was built).
+        sig = tuple((tuple(t.shape[1:]), t.dtype) for t in
+                    (batch.support_x, batch.support_y, batch.query_x, batch.query_y))
+        if sig not in self._probed:
+            ev = self._ev or self._new_evaluator("loop")
+            adapted, shared = self.layout.split(self.layout.flatten(self.model))
+            classes = None
+            with torch.no_grad(), no_trace(self.model):
+                for xn, yn in (("support_x", "support_y"), ("query_x", "query_y")):
+                    x, y = getattr(batch, xn)[:1], getattr(batch, yn)[:1]
+                    try:
+                        out = ev.forward(adapted, shared, x)
+                    except Exception as e:  # noqa: BLE001 - reported with the input that caused it
+                        raise ValueError(f"{xn}: the model cannot evaluate inputs of shape {tuple(x.shape[1:])} "
+                                         f"per task and dtype {x.dtype} ({type(e).__name__}: {e})") from e
+                    why = target_mismatch(self.loss_fn, out, y)
+                    if why is not None:
+                        raise ValueError(f"{yn}: {why}")
+                    if self.classification and out.dim() >= 3:
+                        classes = out.shape[2]
+            self._probed[sig] = classes
+        classes = self._probed[sig]
+        if classes is not None and batch.label_range is not None and batch.label_range[1] >= classes:
+            raise ValueError(f"query_y/support_y: labels must lie in [0, {classes}) for the model's {classes} "
+                             f"outputs, found labels up to {batch.label_range[1]}")
 
     def _current_reduction(self) -> Optional[TaskReduction]:
         # Resolved per call (a default group may be initialized after the learner was built).
@@ -230,6 +271,7 @@ class MetaLearner:
     def meta_gradient(self, batch: TaskBatch) -> MetaResult:
         """The flat meta-gradient ``[P]`` (mean over tasks) without touching ``.grad``."""
         check_batch(batch, self.layout)
+        self._probe(batch)
         self.evaluator(batch)
         # Under a process group: the mean over ALL ranks' tasks (one process: over this batch's).
         reduction = self._current_reduction()
@@ -277,8 +319,13 @@ class MetaLearner:
         return fast
 
     def evaluate(self, batch: TaskBatch, steps: Optional[int] = None) -> EvalResult:
-        """Adapt on each task's support set, score its query set: mean ± 95% CI over tasks."""
+        """Adapt on each task's support set (``steps`` inner steps, an int >= 1; default: the
+        algorithm's), score its query set: mean ± 95% CI over tasks. ``FloatingPointError`` if a
+        task's query loss is not finite."""
         check_batch(batch, self.layout)
+        if steps is not None:
+            positive_int(steps, "steps")
+        self._probe(batch)
         ev = self.evaluator(batch)
         theta = self.layout.flatten(self.model)
         losses, accs = [], []
@@ -290,4 +337,11 @@ class MetaLearner:
             losses.append(q)
             if self.classification:
                 accs.append(accuracy(out, sub.query_y))
-        return EvalResult.from_tasks(torch.cat(losses), torch.cat(accs) if accs else None)
+        loss = torch.cat(losses)
+        bad = ~torch.isfinite(loss)
+        if bad.any():
+            # A NaN loss would otherwise print as "loss nan, accuracy 20.00%" (argmax of NaN logits).
+            raise FloatingPointError(
+                f"loss: non-finite post-adaptation query loss for tasks {bad.nonzero().flatten().tolist()[:8]} "
+                f"(values {loss[bad][:4].tolist()}); the model or its adapted parameters are not finite")
+        return EvalResult.from_tasks(loss, torch.cat(accs) if accs else None)

@@ -21,7 +21,10 @@ class TaskBatch:
         HF-MAML converge to exact MAML as delta -> 0.)
 
     ``ways``: number of classes for classification; when given, integer labels are checked to
-    lie in ``[0, ways)``.
+    lie in ``[0, ways)``. Integer labels are class indices in any case: a negative one (e.g.
+    cross-entropy's ignore index -100) is refused, and :class:`~fastmeta.MetaLearner` checks the
+    largest against the model's number of outputs. ``label_range``: ``(min, max)`` over all
+    integer labels, or ``None`` when the labels are not integers.
     """
 
     support_x: torch.Tensor
@@ -58,18 +61,24 @@ class TaskBatch:
         xdt = {present[n].dtype for n in present if n.endswith("_x")}
         if len(xdt) != 1:
             raise ValueError(f"TaskBatch: inputs (*_x) must share one dtype, got {xdt}")
+        if self.ways is not None and self.ways < 1:
+            raise ValueError(f"ways: expected >= 1, got {self.ways}")
+        labels = {n: present[n] for n in ("support_y", "query_y", "hessian_y") if n in present}
         if self.ways is not None:
-            if self.ways < 1:
-                raise ValueError(f"ways: expected >= 1, got {self.ways}")
-            for name in ("support_y", "query_y", "hessian_y"):
-                y = present.get(name)
-                if y is None:
-                    continue
+            for name, y in labels.items():
                 if y.is_floating_point():
                     raise ValueError(f"{name}: classification labels must be integers, got {y.dtype}")
-                lo, hi = int(y.min()), int(y.max())
-                if lo < 0 or hi >= self.ways:
-                    raise ValueError(f"{name}: labels must lie in [0, {self.ways}), found range [{lo}, {hi}]")
+        ints = {n: y for n, y in labels.items() if not y.is_floating_point() and y.dtype != torch.bool and y.numel()}
+        self.label_range = None
+        if ints:
+            # All label ranges in one host transfer (one device sync on a GPU, not one per tensor).
+            bounds = torch.stack([torch.stack([y.min(), y.max()]).to(torch.int64) for y in ints.values()]).tolist()
+            hi_bound = self.ways if self.ways is not None else None
+            for (name, _), (lo, hi) in zip(ints.items(), bounds):
+                if lo < 0 or (hi_bound is not None and hi >= hi_bound):
+                    allowed = f"[0, {self.ways})" if hi_bound is not None else "[0, number of classes)"
+                    raise ValueError(f"{name}: labels must lie in {allowed}, found range [{lo}, {hi}]")
+            self.label_range = (min(b[0] for b in bounds), max(b[1] for b in bounds))
 
     @property
     def num_tasks(self) -> int:
@@ -90,6 +99,7 @@ class TaskBatch:
                        else getattr(self, f.name)) for f in fields(self)}
         out = object.__new__(TaskBatch)
         out.__dict__.update(kw)  # a sub-batch of a valid batch is valid: skip re-validation
+        out.label_range = self.label_range  # the whole batch's range bounds the sub-batch's
         return out
 
     def to(self, *args, **kwargs) -> "TaskBatch":

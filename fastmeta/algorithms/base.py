@@ -43,9 +43,11 @@ class Algorithm:
 
     def adapt(self, ev: Evaluator, layout: ParamLayout, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
               steps: Optional[int] = None) -> torch.Tensor:
-        """Adapted rows ``[T, D]`` after the inner loop on ``(x, y)`` (meta-test time: no graph)."""
+        """Adapted rows ``[T, D]`` after ``steps`` (default: ``inner_steps``; an int >= 1) inner steps on
+        ``(x, y)`` (meta-test time: no graph)."""
+        steps = self.inner_steps if steps is None else positive_int(steps, "steps")
         adapted, shared = layout.split(theta.detach())
-        w, _ = inner_loop(ev, adapted, shared, x, y, self.inner_lr, steps or self.inner_steps, create_graph=False)
+        w, _ = inner_loop(ev, adapted, shared, x, y, self.inner_lr, steps, create_graph=False)
         return w.detach()
 
     def __repr__(self) -> str:

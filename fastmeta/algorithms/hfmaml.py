@@ -92,8 +92,11 @@ class HFMAML(Algorithm):
             return torch.full((v.shape[0],), self.delta, dtype=v.dtype, device=v.device)
         norm = torch.linalg.vector_norm(v, dim=1)
         # ||v|| = 0: the direction is zero, any delta gives d = 0; 1 keeps the division finite.
-        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-        return torch.where(norm > 0, 1.0 / (6.0 * self.rho * self.inner_lr * safe), torch.ones_like(norm))
+        # ||v|| not finite (a diverging run): delta 1 lets the inf/NaN reach the meta-gradient, where
+        # MetaLearner raises FloatingPointError, instead of a zero step the ops would refuse.
+        ok = (norm > 0) & torch.isfinite(norm)
+        safe = torch.where(ok, norm, torch.ones_like(norm))
+        return torch.where(ok, 1.0 / (6.0 * self.rho * self.inner_lr * safe), torch.ones_like(norm))
 
     def _fd_step(self, ev: Evaluator, w_k: torch.Tensor, shared: torch.Tensor, v: torch.Tensor,
                  x: torch.Tensor, y: torch.Tensor):

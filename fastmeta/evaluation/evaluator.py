@@ -108,9 +108,12 @@ class Evaluator:
         # The composite-norm mode routes every torch call of the forward through Python, which
         # costs more than the whole forward of a small MLP: enter it only for models that have
         # batch/instance-norm modules (the only callers of F.batch_norm / F.instance_norm in torch).
-        self._norm_mode = CompositeNorm if any(
-            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))
-            for m in model.modules()) else contextlib.nullcontext
+        norms = [m for m in model.modules()
+                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm))]
+        self._has_norm = bool(norms)
+        # Batch norm's forward counts batches before it calls F.batch_norm; under vmap the composite
+        # norm updates no running statistics, so the counters must not move either.
+        self._bn_counters = [m.num_batches_tracked for m in norms if getattr(m, "num_batches_tracked", None) is not None]
 
     # ------------------------------------------------------------------ forward
     @with_speed_modes
@@ -197,6 +200,22 @@ class Evaluator:
         with self._norm_mode():
             return vmap(lambda row, f: functional_call(head, fs.head_params(row), (f,)),
                         in_dims=(0, 0), randomness="different")(rows, feats)
+
+    @contextlib.contextmanager
+    def _norm_mode(self):
+        # The vmap forward's batch/instance norm: composite ops (the double-backward trap, see
+        # modes.py), running statistics and their counters untouched.
+        if not self._has_norm:
+            yield
+            return
+        counts = [c.clone() for c in self._bn_counters]
+        try:
+            with CompositeNorm():
+                yield
+        finally:
+            with torch.no_grad():
+                for c, n in zip(self._bn_counters, counts):
+                    c.copy_(n)
 
     @property
     def caches_features(self) -> bool:

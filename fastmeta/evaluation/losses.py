@@ -1,7 +1,7 @@
 """Which loss an evaluator applies, and how it reduces to per-task (or per-sample) values."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ def resolve_loss(loss_fn) -> tuple[LossFn, bool]:
         raise ValueError("loss_fn: pass a functional loss that takes reduction=... (e.g. F.cross_entropy), not a module")
     if not callable(loss_fn):
         raise ValueError(f"loss_fn: expected a name or a callable, got {type(loss_fn).__name__}")
-    return loss_fn, loss_fn in (F.cross_entropy, F.nll_loss)
+    return loss_fn, loss_fn in CLASSIFICATION_LOSSES
 
 
 # Losses computed element by element (any shape, no class dimension): applied to [T, N, ...] outputs
@@ -30,10 +30,37 @@ def resolve_loss(loss_fn) -> tuple[LossFn, bool]:
 ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy_with_logits)
 
 
+CLASSIFICATION_LOSSES = (F.cross_entropy, F.nll_loss)
+
+
+def target_mismatch(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> Optional[str]:
+    """Why targets ``y`` ``[T, N, ...]`` do not fit outputs ``out`` ``[T, N, ...]`` sample by sample
+    (``None`` if they do, or if ``loss_fn`` is a callable whose shape rules are unknown).
+
+    A mismatch would not fail: the loss would broadcast, e.g. an MSE target ``[T, N]`` against an
+    output ``[T, N, 1]`` gives an ``[N, N]`` loss per task, and under vmap/bmm an ``[T*N, T*N]`` one
+    mixing targets across tasks.
+    """
+    if loss_fn in ELEMENTWISE_LOSSES:
+        expected = out.shape
+    elif loss_fn in CLASSIFICATION_LOSSES:
+        # Class indices drop the class dim (dim 2 of [T, N, C, ...]); class probabilities keep it.
+        expected = out.shape if y.is_floating_point() else out.shape[:2] + out.shape[3:]
+    else:
+        return None
+    if y.shape[1:] == expected[1:]:
+        return None
+    return (f"targets of shape {tuple(y.shape[1:])} per task do not fit the model's outputs "
+            f"{tuple(out.shape[1:])} per task (expected targets {tuple(expected[1:])}; the loss would broadcast)")
+
+
 def task_losses(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     """Per-task mean losses ``[T]`` (``per_sample=True``: ``[T, N]``) of outputs ``[T, N, ...]``
-    against targets ``[T, N, ...]``."""
-    if loss_fn in ELEMENTWISE_LOSSES and out.shape == y.shape:
+    against targets ``[T, N, ...]`` (``ValueError`` naming ``y`` where an element-wise loss would
+    broadcast them: :func:`target_mismatch`)."""
+    if loss_fn in ELEMENTWISE_LOSSES:
+        if out.shape != y.shape:
+            raise ValueError(f"y: {target_mismatch(loss_fn, out, y) or f'targets {tuple(y.shape)} vs outputs {tuple(out.shape)}'}")
         # Element-wise losses take [T, N, ...] as they are: no reshapes (and no view nodes for
         # them on every backward), one reduction.
         per = loss_fn(out, y, reduction="none")

@@ -3,10 +3,12 @@ and keep the fastest. One implementation for :class:`fastmeta.MetaLearner` and
 :mod:`fastmeta.analysis`."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from .bmm import BmmPlan
@@ -19,6 +21,24 @@ def candidate_strategies(model: nn.Module) -> tuple[str, ...]:
     """The strategies ``"auto"`` measures for ``model``: ``loop`` and ``vmap``, plus ``bmm`` where the
     model qualifies (:meth:`BmmPlan.reason`)."""
     return ("loop", "vmap") + (("bmm",) if BmmPlan.reason(model) is None else ())
+
+
+@contextlib.contextmanager
+def no_trace(model: nn.Module):
+    """Run trial evaluations of ``model`` without leaving a trace: its buffers (batch-norm running
+    statistics and counters) and the global RNG states (CPU, and the CUDA devices of the model's
+    tensors) are restored on exit, so that timing or probing passes change neither the model nor
+    the random stream (Dropout) a run would otherwise see."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers())
+                      if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
 
 
 @dataclass

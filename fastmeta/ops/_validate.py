@@ -53,9 +53,11 @@ def per_task(value: object, name: str, t: int, like: Tensor, positive: bool) -> 
         raise ValueError(f"{name} is on {value.device} but the data is on {like.device} (mixed devices)")
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got {value.dtype}")
-    # min() propagates NaN, and NaN fails both comparisons: rejected too. One reduction, no temporaries.
-    if value.device.type == "cpu" and value.numel() and not _is_fake(value) and bad(float(value.detach().min())):
-        raise ValueError(f"{name} must be {rule} everywhere, got {value.tolist()}")
+    # min() propagates NaN, and NaN fails both comparisons: rejected too; max() catches +inf (an
+    # infinite radius or step makes every row inf/NaN). Two reductions, no temporaries.
+    if value.device.type == "cpu" and value.numel() and not _is_fake(value) and (
+            bad(float(value.detach().min())) or not math.isfinite(float(value.detach().max()))):
+        raise ValueError(f"{name} must be finite and {rule} everywhere, got {value.tolist()}")
     return value.to(like.dtype).reshape(-1).expand(t)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -70,6 +72,8 @@ def fd_hvp_combine(g_o: Tensor, g_plus: Tensor, g_minus: Tensor, delta: float | 
         raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
     if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)):
         raise ValueError(f"inner_lr must be a float, got {type(inner_lr).__name__}")
+    if not math.isfinite(inner_lr):
+        raise ValueError(f"inner_lr must be finite, got {inner_lr}")
     delta_t = _validate.per_task(delta, "delta", g_o.shape[0], g_o, positive=True)
     return _backend.call("fd_hvp_combine", _fd_hvp_combine_op, g_o.device, g_o, g_plus, g_minus, delta_t,
                          float(inner_lr), reduce == "mean")

@@ -46,6 +46,13 @@ CASES = [
     ("sds ratio", lambda: ops.sds_select(g, g, 1.5), "ratio"),
     ("swp keep_prob", lambda: ops.swp_mask((T, D), 0.0, seed=0), "keep_prob"),
     ("bn_relu_pool x rank", lambda: ops.bn_relu_pool(torch.randn(3, 6, 6)), "x"),
+    # Non-finite values in tensor radii/steps and a NaN inner_lr would make every row inf/NaN.
+    ("sam inf radius tensor", lambda: ops.sam_perturb(theta, g, torch.tensor([0.1, float("inf"), 0.1])), "radius"),
+    ("sam nan radius tensor", lambda: ops.sam_perturb(theta, g, torch.tensor([0.1, float("nan"), 0.1])), "radius"),
+    ("points inf delta tensor", lambda: ops.fd_hvp_points(theta, g, torch.tensor([1.0, float("inf"), 1.0])), "delta"),
+    ("combine inf delta tensor", lambda: ops.fd_hvp_combine(g, g, g, torch.full((T,), float("inf")), 0.5), "delta"),
+    ("combine nan inner_lr", lambda: ops.fd_hvp_combine(g, g, g, 1e-3, float("nan")), "inner_lr"),
+    ("combine inf inner_lr", lambda: ops.fd_hvp_combine(g, g, g, 1e-3, float("inf")), "inner_lr"),
 ]
 
 
