@@ -8,9 +8,9 @@ would shadow the repository's folder. ``tests/`` itself imports the file as ``re
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+
+from fastmeta.cli.bench import load_file
 
 PATH = Path(__file__).resolve().parents[1] / "tests" / "reference.py"
 MODULE = "fastmeta_bench_reference"
@@ -18,20 +18,9 @@ MODULE = "fastmeta_bench_reference"
 
 def load():
     """The loaded module (once per process; later calls return the same module)."""
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
     if not PATH.is_file():
         raise ImportError(f"the plain reference loops are missing: {PATH} not found", path=str(PATH))
-    spec = importlib.util.spec_from_file_location(MODULE, PATH)
-    mod = importlib.util.module_from_spec(spec)
-    # Registered before it runs, as an import would: dataclasses and pickling look the module up.
-    sys.modules[MODULE] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[MODULE]
-        raise
-    return mod
+    return load_file(MODULE, PATH)
 
 
 reference = load()

@@ -27,22 +27,29 @@ def _missing() -> str | None:
             "a wheel does not ship them: install from a checkout with pip install -e .)")
 
 
-def suite():
-    """``bench/cli.py`` of the checkout, loaded once per process (the same module on every call)."""
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
-    why = _missing()
-    if why:
-        raise SystemExit(why)
-    spec = importlib.util.spec_from_file_location(MODULE, SUITE)
+def load_file(name: str, path: Path):
+    """The Python file ``path`` as module ``name``, loaded once per process (later calls return the
+    same module). Registered in ``sys.modules`` before it runs, as an import would: dataclasses and
+    pickling look the module up by name."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE] = mod
+    sys.modules[name] = mod
     try:
         spec.loader.exec_module(mod)
     except BaseException:
-        del sys.modules[MODULE]
+        del sys.modules[name]
         raise
     return mod
+
+
+def suite():
+    """``bench/cli.py`` of the checkout, loaded once per process (the same module on every call)."""
+    why = None if MODULE in sys.modules else _missing()
+    if why:
+        raise SystemExit(why)
+    return load_file(MODULE, SUITE)
 
 
 def run(args) -> int:
