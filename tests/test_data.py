@@ -66,3 +66,23 @@ def test_nway_kshot_sampler(omniglot_data):
 def test_omniglot_bad_root(tmp_path):
     with pytest.raises(ValueError, match="roots"):
         Omniglot(tmp_path)
+
+
+def test_corrupt_png_in_a_zip_names_the_zip_and_the_member(tmp_path):
+    # Was: PIL's UnidentifiedImageError naming no file.
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 255).save(buf, "PNG")
+    z = tmp_path / "set.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for c in range(2):
+            for d in range(2):
+                zf.writestr(f"set/Alpha/character0{c}/0{c}_0{d}.png", buf.getvalue())
+        zf.writestr("set/Alpha/character01/01_09.png", b"\x89PNG truncated")
+    with pytest.raises(ValueError, match=r"roots: cannot read the image member 'set/Alpha/character01/01_09.png' "
+                                         r"of zip .*set.zip"):
+        Omniglot(z)

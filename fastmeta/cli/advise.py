@@ -64,6 +64,7 @@ FALLAH_NOTE = ("also available: fastmeta.FallahStepSize, Fallah et al.'s adaptiv
 
 
 def run(args) -> int:
+    """Estimate and check the learning rates for ``args.task``; writes plots and advice JSON to ``args.out``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -128,7 +129,7 @@ def _setup(args):
         test = SinusoidTasks(k_shot=k, k_query=10, seed=args.seed + 1000).sample(200)
         return model, tasks, test, "mse", "vmap"
     if not args.data_root:
-        raise SystemExit("advise: --data-root is required for --task omniglot (nothing is downloaded)")
+        raise ValueError("--data-root: required for --task omniglot (nothing is downloaded)")
     data = Omniglot(args.data_root)
     shots = _opt(args, "k_shot")
     model = Conv4(args.ways, hidden=args.hidden)

@@ -19,7 +19,7 @@ from ..analysis.generalization import generalization_gap
 from ..analysis.landscape import loss_landscape
 from ..analysis.report import markdown_table, plot_1d, plot_2d, sharpness_dict
 from ..analysis.sharpness import sharpness
-from ..training import TaskSource, learner_from_checkpoint, load_checkpoint
+from ..training import CheckpointError, learner_from_checkpoint, load_checkpoint, source_from_checkpoint
 
 
 def register(subparsers) -> None:
@@ -28,7 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint from 'fastmeta train' (repeat for overlays)")
     p.add_argument("--label", action="append", help="name per --ckpt (default: file stem and algorithm)")
     p.add_argument("--out", required=True, help="output folder for PNGs, report.md and results.json")
-    p.add_argument("--data-root", nargs="+", help="Omniglot data (default: the one used for training)")
+    p.add_argument("--data-root", nargs="+",
+                   help="Omniglot data (default: the one used for training); must be the same data")
+    p.add_argument("--allow-data-mismatch", action="store_true",
+                   help="use --data-root even if it differs from the training data (with a warning)")
     p.add_argument("--split", default="train", choices=["train", "test"], help="tasks for landscapes and sharpness")
     p.add_argument("--tasks", type=int, default=4, help="tasks in the landscape/sharpness batch")
     p.add_argument("--steps-1d", type=int, default=31, help="grid points of the 1-D lines")
@@ -53,12 +56,13 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def _source_key(cfg: dict) -> str:
+def _source_key(cfg: dict, ckpt: dict) -> str:
     keys = ("task", "data_root", "test_alphabets", "ways", "shots", "queries", "rotations", "seed", "float64")
-    return json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True, default=str)
+    return json.dumps(dict({k: cfg.get(k) for k in keys}, split=ckpt.get("split")), sort_keys=True, default=str)
 
 
 def run(args) -> int:
+    """Landscapes, sharpness and generalization gap of ``args.ckpt``; writes the report to ``args.out``."""
     _positive("--span", args.span)
     for r in args.radius:
         _positive("--radius", r)
@@ -80,10 +84,8 @@ def run(args) -> int:
             raise ValueError(f"--ckpt: {path} does not exist")
         try:
             ckpt = load_checkpoint(path)
-        except ValueError:
-            raise
-        except Exception as e:  # torch.load's unpickling errors do not say which argument was wrong
-            raise ValueError(f"--ckpt: {path} could not be read as a fastmeta checkpoint: {type(e).__name__}: {e}") from e
+        except CheckpointError as e:  # its message names the path and the problem
+            raise ValueError(f"--ckpt: {path} could not be read: {e}") from e
         learner = learner_from_checkpoint(ckpt)
         shapes = [(s.name, tuple(s.shape)) for s in learner.layout.slots]
         if ref is None:
@@ -102,9 +104,10 @@ def run(args) -> int:
     # the same tasks are compared on identical landscape batches and identical gap tasks.
     sources: dict[str, dict] = {}
     for e in entries:
-        key = _source_key(e["cfg"])
+        key = _source_key(e["cfg"], e["ckpt"])
         if key not in sources:
-            src = TaskSource(e["cfg"])
+            src = source_from_checkpoint(e["ckpt"], args.data_root, allow_data_mismatch=args.allow_data_mismatch,
+                                         warn=lambda msg: log(f"fastmeta landscape: {msg}"))
             sampler = src.train if args.split == "train" else src.test
             s = dict(batch=sampler.sample(args.tasks))
             if args.gap_tasks:

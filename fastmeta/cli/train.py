@@ -30,20 +30,25 @@ def register(sub) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop meta-training after this many minutes of wall clock (then meta-test)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="fastmeta_ckpt.pt", help="checkpoint path (written atomically)")
+    p.add_argument("--out", default="fastmeta_ckpt.pt",
+                   help="checkpoint path (written atomically at every validation and before the meta-test)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--nproc", type=int, default=None,
                    help="shard each meta-batch's tasks over N local processes (gloo over loopback); "
                         "for several machines use torchrun (see fastmeta.distributed)")
     p.add_argument("--dist-timeout", type=float, default=None,
-                   help="seconds a collective may wait for a peer rank before failing (default 300)")
+                   help="seconds (> 0) a collective may wait for a peer rank before failing (default 300)")
     p.add_argument("--resume", action="store_true",
-                   help="continue a --nproc/torchrun run from the checkpoint at --out (rank 0 reads, all ranks resume)")
+                   help="continue the run whose checkpoint is at --out, exactly as if it had not stopped (a missing "
+                        "file starts a new run); under --nproc/torchrun rank 0 reads, all ranks resume")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="with --resume: accept settings that differ from the checkpoint's (recorded in it)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    cfg = {k: v for k, v in vars(args).items() if k != "func"}
+    """Meta-train per the parsed ``args`` (defaults per task filled in); see :func:`fastmeta.training.train`."""
+    cfg = {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
     for k, v in DEFAULTS[args.task].items():
         if cfg.get(k) is None:
             cfg[k] = v

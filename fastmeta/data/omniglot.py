@@ -7,10 +7,11 @@ Layout (Lake et al.'s own release, and the ``images_background`` / ``images_eval
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -22,6 +23,13 @@ def _decode(data: bytes) -> torch.Tensor:
 
     img = Image.open(io.BytesIO(data)).convert("L")
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, img.height, img.width)
+
+
+def _read_image(read: Callable[[], bytes], where: str) -> torch.Tensor:
+    try:
+        return _decode(read())
+    except Exception as e:  # noqa: BLE001 - PIL and zipfile errors do not say which file was bad
+        raise ValueError(f"roots: cannot read the image {where}: {type(e).__name__}: {e}") from e
 
 
 def _decode_resized(img: torch.Tensor, side: int) -> torch.Tensor:
@@ -38,20 +46,60 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return 1.0 - x.clamp(0, 1)  # strokes are black on white: make strokes 1 and background 0
 
 
-def _entries(root: Path) -> Iterable[tuple[str, str, str, callable]]:
-    """``(alphabet, character, file name, read())`` for every PNG under ``root``."""
+def _entries(root: Path) -> Iterable[tuple[str, str, str, Callable[[], bytes], str, int]]:
+    """``(alphabet, character, file name, read(), where, size in bytes)`` for every PNG under
+    ``root``; ``where`` names the file (or the zip and its member) for error messages."""
     if root.is_file() and zipfile.is_zipfile(root):
         zf = zipfile.ZipFile(root)
-        for name in sorted(zf.namelist()):
+        for info in sorted(zf.infolist(), key=lambda i: i.filename):
+            name = info.filename
             parts = name.split("/")
             if name.endswith(".png") and len(parts) >= 3:
-                yield parts[-3], parts[-2], parts[-1], (lambda n=name: zf.read(n))
+                yield (parts[-3], parts[-2], parts[-1], (lambda n=name: zf.read(n)), f"member {name!r} of zip {root}",
+                       info.file_size)
         return
+    if not root.exists():
+        raise FileNotFoundError(f"data_root: {root} does not exist")
     if not root.is_dir():
-        raise ValueError(f"root: {root} is neither a directory nor a zip file")
+        raise ValueError(f"data_root: {root} is neither a directory nor a zip file")
     files = sorted(root.glob("*/*/*.png")) or sorted(root.glob("*/*/*/*.png"))
     for f in files:
-        yield f.parent.parent.name, f.parent.name, f.name, f.read_bytes
+        yield f.parent.parent.name, f.parent.name, f.name, f.read_bytes, f"file {f}", f.stat().st_size
+
+
+def _as_list(roots) -> list:
+    return [roots] if isinstance(roots, (str, Path)) else list(roots)
+
+
+def _merged(roots: list) -> tuple[dict[tuple[str, str], dict[str, tuple]], list[dict]]:
+    """``{(alphabet, character): {file name: (read, where, size)}}`` over ``roots`` (a file that
+    several roots hold is taken from the first), and per root its ``name``, ``images`` and ``bytes``."""
+    groups: dict[tuple[str, str], dict[str, tuple]] = {}
+    per_root = []
+    for r in roots:
+        n = total = 0
+        for alpha, char, fname, read, where, size in _entries(Path(r)):
+            groups.setdefault((alpha, char), {}).setdefault(fname, (read, where, size))
+            n, total = n + 1, total + size
+        per_root.append(dict(name=Path(r).name, images=n, bytes=total))
+    return groups, per_root
+
+
+def _fingerprint(groups: dict, per_root: list) -> dict:
+    # Names and sizes only: computed from the listings (zip directories, stat), before any image is
+    # decoded, so that a mismatch is refused before the expensive load. The merged listing does not
+    # depend on where the roots live or on zip versus unpacked folder.
+    lines = sorted(f"{a}/{c}/{f}:{v[2]}" for (a, c), files in groups.items() for f, v in files.items())
+    return dict(sha256=hashlib.sha256("\n".join(lines).encode()).hexdigest(), images=len(lines),
+                classes=len(groups), roots=per_root)
+
+
+def fingerprint(roots) -> dict:
+    """What identifies the Omniglot data under ``roots`` without decoding it: ``sha256`` of the
+    merged listing (``alphabet/character/file:size`` lines), the numbers of ``images`` and
+    ``classes``, and per root its ``name``, ``images`` and ``bytes``. The same data in another
+    place, or zipped versus unpacked, has the same ``sha256``."""
+    return _fingerprint(*_merged(_as_list(roots)))
 
 
 class Omniglot:
@@ -59,22 +107,20 @@ class Omniglot:
 
     Attributes:
         classes: list of ``(alphabet, character)``.
+        fingerprint: :func:`fingerprint` of ``roots``.
         images: list of tensors ``[n_i, 1, size, size]``, float in [0, 1], strokes = 1.
         alphabets: sorted alphabet names.
     """
 
     def __init__(self, roots, image_size: int = 28):
-        if isinstance(roots, (str, Path)):
-            roots = [roots]
-        groups: dict[tuple[str, str], dict[str, callable]] = {}
-        for r in roots:
-            for alpha, char, fname, read in _entries(Path(r)):
-                groups.setdefault((alpha, char), {}).setdefault(fname, read)
+        roots = _as_list(roots)
+        groups, per_root = _merged(roots)
         if not groups:
             raise ValueError(f"roots: no '<Alphabet>/<character>/*.png' images found under {list(map(str, roots))}")
+        self.fingerprint = _fingerprint(groups, per_root)
         self.classes = sorted(groups)
         counts = [len(groups[c]) for c in self.classes]
-        raw = [_decode(read()) for c in self.classes for _, read in sorted(groups[c].items())]
+        raw = [_read_image(read, where) for c in self.classes for _, (read, where, _) in sorted(groups[c].items())]
         if len({r.shape for r in raw}) != 1:
             raw = [_decode_resized(r, raw[0].shape[-1]) for r in raw]
         self.images = list(_resize(torch.stack(raw), image_size).split(counts))
