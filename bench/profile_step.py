@@ -5,8 +5,8 @@ With CUDA present, the N steps are bracketed by ``torch.cuda.profiler.start()/st
     nsys profile --capture-range=cudaProfilerApi --trace=cuda,nvtx,osrt \\
         python bench/profile_step.py --workload conv4 --steps 5
 
-captures exactly those steps, with fastmeta's NVTX ranges (``fastmeta/inner``, ``fastmeta/outer``,
-``fastmeta/perturb``, ``fastmeta/hvp``; see ``fastmeta/profiling.py``) on the timeline. Without
+captures exactly those steps, with fastmeta's NVTX ranges (domain ``fastmeta``: ``step``,
+``meta_gradient``, ``inner``, ``outer``, ``perturb``, ``hvp``, ...; see ``fastmeta/profiling.py``) on the timeline. Without
 CUDA (this CPU machine) it writes a ``torch.profiler`` Chrome trace (open in chrome://tracing or
 https://ui.perfetto.dev) and prints the top operators; the same ranges appear there through
 ``record_function``.

@@ -15,6 +15,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Optional
 
 _PKG_DIR = Path(__file__).resolve().parent
 _STATUS_FILE = _PKG_DIR / "_build_status.json"
@@ -43,15 +44,24 @@ def _build_reason(default: str) -> str:
     return default
 
 
+def _cuda_not_built() -> str:
+    """Why there is no ``_C_cuda*.so``: the build record's one-line reason (setup.py builds the CUDA
+    library on its own, so its failure is recorded without costing the CPU module)."""
+    status = build_status()
+    if not status:
+        return "not built (no build record)"
+    if status.get("cuda") == "built":
+        return "not built: no _C_cuda*.so beside the package, although the build record says it was built"
+    return f"not built: {status.get('cuda_reason', 'no reason recorded')}"
+
+
 def _load_cuda_library() -> None:
     if _truthy("FASTMETA_NO_CUDA"):
         _state["cuda_reason"] = "disabled by FASTMETA_NO_CUDA=1"
         return
     libs = sorted(_PKG_DIR.glob("_C_cuda*.so"))
     if not libs:
-        status = build_status()
-        _state["cuda_reason"] = (f"CUDA library not built: {status.get('cuda', '?')}: {status.get('cuda_reason', '?')}"
-                                 if status else "CUDA library not built (no build record)")
+        _state["cuda_reason"] = _cuda_not_built()
         return
     import torch
 
@@ -110,16 +120,30 @@ def cuda_reason() -> str:
     return _state["cuda_reason"]
 
 
+def nvcc_version() -> Optional[str]:
+    """The CUDA version of the nvcc that compiled ``_C_cuda`` (e.g. ``"13.0"``), from the build record;
+    ``None`` when no toolkit was used or its version could not be read. Compare with
+    ``torch.version.cuda``: kernels from a newer toolkit than the driver supports cannot launch."""
+    return build_status().get("nvcc_version")
+
+
 def build_info() -> dict:
-    """``fastmeta._C.build_info()`` (when loaded) merged with the build record and load state."""
+    """``fastmeta._C.build_info()`` (when loaded) merged with the build record and load state.
+
+    ``nvcc_version``: see :func:`nvcc_version`. ``cuda_config``: what became of the CUDA library at
+    build time (``"<built|failed|skipped>: <reason>"``), from the build record."""
     info: dict = {}
     if load():
         from . import _C
 
         info.update(_C.build_info())
+    status = build_status()
+    info["nvcc_version"] = status.get("nvcc_version")
+    if status:
+        info["cuda_config"] = f"{status.get('cuda', '?')}: {status.get('cuda_reason', 'no reason recorded')}"
     info["extension_loaded"] = bool(_state["loaded"])
     info["extension_reason"] = _state["reason"]
     info["cuda_library_loaded"] = bool(_state["cuda_loaded"])
     info["cuda_library_reason"] = _state["cuda_reason"]
-    info["build_status"] = build_status()
+    info["build_status"] = status
     return info

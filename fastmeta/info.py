@@ -29,6 +29,14 @@ def _table(device: str) -> list[str]:
     return lines
 
 
+def _cuda_line(info: dict) -> str:
+    # "loaded (...)", "not built: <the build's one-line reason>" or "not loaded: <why>".
+    reason = info["cuda_library_reason"]
+    if info["cuda_library_loaded"]:
+        return f"loaded ({reason}; nvcc {info.get('nvcc_version') or 'version not recorded'})"
+    return reason if reason.startswith("not built") else f"not loaded: {reason}"
+
+
 def report() -> str:
     import torch
 
@@ -47,16 +55,20 @@ def report() -> str:
     info = _extension.build_info()
     lines.append(f"native extension fastmeta._C: {'loaded' if info['extension_loaded'] else 'NOT available'}"
                  f" ({info['extension_reason']})")
-    for key in ("torch_version", "compiler", "cxx_standard", "cxx11_abi", "openmp", "cuda_config", "cpu_isa",
+    for key in ("torch_version", "compiler", "cxx_standard", "cxx11_abi", "openmp", "cpu_isa",
                 "cpu_isas_supported", "stream_threshold_bytes"):
         if key in info:
             lines.append(f"  {key:<22} {info[key]}")
-    lines.append(f"CUDA kernels library: {'loaded' if info['cuda_library_loaded'] else 'not loaded'}"
-                 f" ({info['cuda_library_reason']})")
+    lines.append(f"CUDA kernels library: {_cuda_line(info)}")
     status = info["build_status"]
     if status:
-        lines.append(f"build record: ext={status.get('ext')} ({status.get('ext_reason', '')}); "
-                     f"cuda={status.get('cuda')} ({status.get('cuda_reason', '')})")
+        parts = [f"ext={status.get('ext')} ({status.get('ext_reason', '')})", f"cuda={status.get('cuda')}"]
+        if "nvcc_version" in status:  # older records lack these keys
+            parts.append(f"nvcc {status['nvcc_version'] or 'not used'}"
+                         f" (torch built for CUDA {status.get('torch_cuda')})")
+        if "cmake" in status:
+            parts.append(f"cmake {status['cmake']}")
+        lines.append("build record: " + "; ".join(parts))
     if info["cuda_library_loaded"]:
         registered = [op for op in _backend.OPS
                       if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmeta::{op}", "CUDA")]

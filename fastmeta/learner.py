@@ -19,6 +19,7 @@ from .evaluation.losses import target_mismatch
 from .evaluation.strategy import no_trace
 from .metrics import accuracy, ci95
 from .params import Adapt, ParamLayout
+from .profiling import annotate
 from .tasks import TaskBatch
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,28 @@ class EvalResult:
         if self.accuracy is not None:
             s += f", accuracy {100 * self.accuracy:.2f}% ± {100 * self.accuracy_ci95:.2f}%"
         return s + f" (95% CI over {self.num_tasks} tasks)"
+
+
+def _finiteness(res: MetaResult) -> torch.Tensor:
+    # Two reductions: any NaN/inf in either tensor makes the sum non-finite. A sum of finite values
+    # can still overflow (float32 near 3e38): _check_finite's element-wise diagnosis then finds
+    # nothing and the result stands.
+    return res.grad.sum() + res.query_loss.sum()
+
+
+def _check_finite(res: MetaResult, total: float) -> None:
+    """``FloatingPointError`` naming the tasks whose query loss is not finite, or the meta-gradient;
+    ``total`` is the host value of :func:`_finiteness` (the element-wise reads happen only when it
+    is not finite)."""
+    if math.isfinite(total):
+        return
+    bad = ~torch.isfinite(res.query_loss)
+    if bad.any():
+        raise FloatingPointError(
+            f"loss: non-finite query loss for tasks {bad.nonzero().flatten().tolist()[:8]} "
+            f"(values {res.query_loss[bad][:4].tolist()}); lower inner_lr or the meta learning rate")
+    if not torch.isfinite(res.grad).all():
+        raise FloatingPointError("loss: the meta-gradient is non-finite; lower inner_lr or the meta learning rate")
 
 
 class MetaLearner:
@@ -269,7 +292,16 @@ class MetaLearner:
 
     # ------------------------------------------------------------------ training
     def meta_gradient(self, batch: TaskBatch) -> MetaResult:
-        """The flat meta-gradient ``[P]`` (mean over tasks) without touching ``.grad``."""
+        """The flat meta-gradient ``[P]`` (mean over tasks) without touching ``.grad``.
+        ``FloatingPointError`` if a query loss or the meta-gradient is not finite."""
+        with annotate("meta_gradient"):
+            res = self._meta_gradient(batch)
+            # One host sync on the happy path (step() folds this read into its own).
+            _check_finite(res, float(_finiteness(res)))
+        return res
+
+    def _meta_gradient(self, batch: TaskBatch) -> MetaResult:
+        # Everything but the finiteness check, which needs a host read.
         check_batch(batch, self.layout)
         self._probe(batch)
         self.evaluator(batch)
@@ -279,69 +311,69 @@ class MetaLearner:
         theta = self.layout.flatten(self.model)
         ev.reduction = reduction
         try:
-            res = self.algorithm.meta_grad(ev, self.layout, theta, batch)
+            return self.algorithm.meta_grad(ev, self.layout, theta, batch)
         finally:
             ev.reduction = None
-        # Two reductions and one host sync on the happy path: any NaN/inf in either tensor makes
-        # the sum non-finite. A sum of finite values can still overflow (float32 near 3e38): the
-        # element-wise diagnosis below then finds nothing and the result is returned.
-        if math.isfinite(float(res.grad.sum() + res.query_loss.sum())):
-            return res
-        bad = ~torch.isfinite(res.query_loss)
-        if bad.any():
-            raise FloatingPointError(
-                f"loss: non-finite query loss for tasks {bad.nonzero().flatten().tolist()[:8]} "
-                f"(values {res.query_loss[bad][:4].tolist()}); lower inner_lr or the meta learning rate")
-        if not torch.isfinite(res.grad).all():
-            raise FloatingPointError("loss: the meta-gradient is non-finite; lower inner_lr or the meta learning rate")
-        return res
 
     def step(self, batch: TaskBatch) -> StepResult:
         """Compute the meta-gradient on ``batch`` and write it into the parameters' ``.grad``
-        (replacing what was there). Returns the mean post-adaptation query loss (and accuracy)."""
-        res = self.meta_gradient(batch)
-        self.layout.write_grad(self.model, res.grad)
-        acc = float(accuracy(res.query_out, batch.query_y).mean()) if self.classification else None
-        return StepResult(float(res.query_loss.mean()), acc, res.query_loss)
+        (replacing what was there). Returns the mean post-adaptation query loss (and accuracy).
+        ``FloatingPointError`` (before ``.grad`` is touched) if a query loss or the meta-gradient
+        is not finite."""
+        with annotate("step"):
+            with annotate("meta_gradient"):
+                res = self._meta_gradient(batch)
+            # The finiteness check, the mean loss and the mean accuracy in ONE host read: on a GPU
+            # each read waits for the device to drain, so separate reads cost a sync each.
+            stats = [_finiteness(res).double(), res.query_loss.mean().double()]
+            if self.classification:
+                stats.append(accuracy(res.query_out, batch.query_y).mean().double())
+            values = torch.stack(stats).tolist()
+            _check_finite(res, values[0])
+            self.layout.write_grad(self.model, res.grad)
+        return StepResult(values[1], values[2] if self.classification else None, res.query_loss)
 
     # ------------------------------------------------------------------ meta-testing
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None) -> nn.Module:
         """A copy of the model adapted to one task's support set ``[N, ...]`` (no graph kept)."""
-        if support_x.dim() < 1 or support_y.shape[:1] != support_x.shape[:1]:
-            raise ValueError(f"support_y: expected {support_x.shape[0]} labels for {support_x.shape[0]} support samples, got shape {tuple(support_y.shape)}")
-        ev = self._ev or self._new_evaluator("loop")
-        theta = self.layout.flatten(self.model)
-        self._verify_features(support_x[None])
-        with ev.feature_scope():
-            w = self.algorithm.adapt(ev, self.layout, theta, support_x[None], support_y[None], steps)
-        fast = copy.deepcopy(self.model)
-        self.layout.load(fast, torch.cat([w[0], theta[self.layout.D:]]))
-        return fast
+        with annotate("adapt"):
+            if support_x.dim() < 1 or support_y.shape[:1] != support_x.shape[:1]:
+                raise ValueError(f"support_y: expected {support_x.shape[0]} labels for {support_x.shape[0]} support "
+                                 f"samples, got shape {tuple(support_y.shape)}")
+            ev = self._ev or self._new_evaluator("loop")
+            theta = self.layout.flatten(self.model)
+            self._verify_features(support_x[None])
+            with ev.feature_scope():
+                w = self.algorithm.adapt(ev, self.layout, theta, support_x[None], support_y[None], steps)
+            fast = copy.deepcopy(self.model)
+            self.layout.load(fast, torch.cat([w[0], theta[self.layout.D:]]))
+            return fast
 
     def evaluate(self, batch: TaskBatch, steps: Optional[int] = None) -> EvalResult:
         """Adapt on each task's support set (``steps`` inner steps, an int >= 1; default: the
         algorithm's), score its query set: mean ± 95% CI over tasks. ``FloatingPointError`` if a
         task's query loss is not finite."""
-        check_batch(batch, self.layout)
-        if steps is not None:
-            positive_int(steps, "steps")
-        self._probe(batch)
-        ev = self.evaluator(batch)
-        theta = self.layout.flatten(self.model)
-        losses, accs = [], []
-        for sub in ev.chunks(batch):
-            with ev.feature_scope():  # ANIL: the body runs once on the support and once on the query
-                w = self.algorithm.adapt(ev, self.layout, theta, sub.support_x, sub.support_y, steps)
-                with torch.no_grad():
-                    q, out = ev.losses(w, theta[self.layout.D:], sub.query_x, sub.query_y, return_outputs=True)
-            losses.append(q)
-            if self.classification:
-                accs.append(accuracy(out, sub.query_y))
-        loss = torch.cat(losses)
-        bad = ~torch.isfinite(loss)
-        if bad.any():
-            # A NaN loss would otherwise print as "loss nan, accuracy 20.00%" (argmax of NaN logits).
-            raise FloatingPointError(
-                f"loss: non-finite post-adaptation query loss for tasks {bad.nonzero().flatten().tolist()[:8]} "
-                f"(values {loss[bad][:4].tolist()}); the model or its adapted parameters are not finite")
-        return EvalResult.from_tasks(loss, torch.cat(accs) if accs else None)
+        with annotate("evaluate"):
+            check_batch(batch, self.layout)
+            if steps is not None:
+                positive_int(steps, "steps")
+            self._probe(batch)
+            ev = self.evaluator(batch)
+            theta = self.layout.flatten(self.model)
+            losses, accs = [], []
+            for sub in ev.chunks(batch):
+                with ev.feature_scope():  # ANIL: the body runs once on the support and once on the query
+                    w = self.algorithm.adapt(ev, self.layout, theta, sub.support_x, sub.support_y, steps)
+                    with torch.no_grad():
+                        q, out = ev.losses(w, theta[self.layout.D:], sub.query_x, sub.query_y, return_outputs=True)
+                losses.append(q)
+                if self.classification:
+                    accs.append(accuracy(out, sub.query_y))
+            loss = torch.cat(losses)
+            bad = ~torch.isfinite(loss)
+            if bad.any():
+                # A NaN loss would otherwise print as "loss nan, accuracy 20.00%" (argmax of NaN logits).
+                raise FloatingPointError(
+                    f"loss: non-finite post-adaptation query loss for tasks {bad.nonzero().flatten().tolist()[:8]} "
+                    f"(values {loss[bad][:4].tolist()}); the model or its adapted parameters are not finite")
+            return EvalResult.from_tasks(loss, torch.cat(accs) if accs else None)

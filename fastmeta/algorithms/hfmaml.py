@@ -1,6 +1,7 @@
 """Hessian-free MAML (Fallah, Mokhtari, Ozdaglar 2020, eqs. 9-11, Algorithm 3, Theorem 4.17)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -13,6 +14,50 @@ from ..tasks import TaskBatch
 from .. import ops
 from ._shared import per_task_grads
 from .base import Algorithm, MetaResult
+
+
+@functools.lru_cache(maxsize=None)
+def _tf32_switches(device_type: str) -> tuple[tuple, object]:
+    """The switches that let float32 matmuls/convolutions on ``device_type`` run in reduced
+    precision (CUDA: TF32 on Ampere/Hopper, where cuDNN convolutions default to it; CPU: oneDNN's
+    bf16/TF32 when a user opts in), and the value that turns each off. torch >= 2.9 has
+    per-backend ``fp32_precision``; mixing it with the legacy ``allow_tf32`` flags makes torch
+    raise, so one family is used throughout."""
+    b = torch.backends
+    if device_type == "cuda":
+        new = [(b.cuda.matmul, "fp32_precision")]
+        new += [(getattr(b.cudnn, c), "fp32_precision") for c in ("conv", "rnn") if hasattr(b.cudnn, c)]
+        legacy = ((b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32"))
+    else:
+        new = [(getattr(b.mkldnn, c), "fp32_precision") for c in ("matmul", "conv") if hasattr(b.mkldnn, c)]
+        legacy = ()  # before fp32_precision, oneDNN had no reduced-precision float32 switch
+    if new and all(hasattr(obj, attr) for obj, attr in new):
+        return tuple(new), "ieee"
+    return legacy, False
+
+
+class _full_fp32:
+    """Within: float32 matmuls and convolutions on ``device_type`` in full (IEEE) precision; on exit
+    every switch is restored to its previous value. TF32 keeps 10 mantissa bits (relative error
+    ~1e-3), and HF-MAML multiplies the difference of two such gradients by alpha / (2 delta)."""
+
+    __slots__ = ("_device_type", "_saved")
+
+    def __init__(self, device_type: str):
+        self._device_type = device_type
+
+    def __enter__(self):
+        switches, off = _tf32_switches(self._device_type)
+        self._saved = [(obj, attr, getattr(obj, attr)) for obj, attr in switches]
+        for obj, attr, value in self._saved:
+            if value != off:
+                setattr(obj, attr, off)
+        return self
+
+    def __exit__(self, *exc):
+        for obj, attr, value in reversed(self._saved):
+            setattr(obj, attr, value)
+        return False
 
 
 class HFMAML(Algorithm):
@@ -116,8 +161,12 @@ class HFMAML(Algorithm):
             x2 = torch.cat([x, x]).to(fdt) if x.is_floating_point() else torch.cat([x, x])
             y2 = torch.cat([y, y]).to(fdt) if y.is_floating_point() else torch.cat([y, y])
             # [2T, P]: with shared parameters phi, one copy of phi per row gives the per-task
-            # gradients w.r.t. phi from the same backward.
-            _, grads = per_task_grads(ev, pts, shared.to(fdt), x2, y2)
+            # gradients w.r.t. phi from the same backward. In full float32 precision: see _full_fp32.
+            if fdt == torch.float32:
+                with _full_fp32(pts.device.type):
+                    _, grads = per_task_grads(ev, pts, shared.to(fdt), x2, y2)
+            else:
+                _, grads = per_task_grads(ev, pts, shared.to(fdt), x2, y2)
             out = ops.fd_hvp_combine(v.to(fdt), grads[:T], grads[T:], delta, self.inner_lr, reduce="none")
         return out.to(v.dtype), delta
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..profiling import annotate
 from .bmm import BmmPlan
 from .evaluator import EVALUATION_STRATEGIES, Evaluator
 
@@ -41,6 +42,24 @@ def no_trace(model: nn.Module):
                     b.copy_(saved)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has finished the work queued so far (no-op on the CPU, where every op
+    has finished when it returns). A host clock read after a GPU call measures only how long the
+    launches took to enqueue, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is not None and hasattr(backend, "synchronize"):
+            backend.synchronize()
+
+
+def _model_device(ev: Evaluator) -> torch.device:
+    for t in ev.model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
 @dataclass
 class StrategyChoice:
     """The outcome of :func:`time_strategies`.
@@ -66,8 +85,15 @@ def time_strategies(candidates, make_evaluator: Callable[[str], Evaluator], run:
     Then the candidates run round-robin and each keeps its minimum, so a stall of the machine
     (another process, CPU steal on a VM) spoils single calls, not a whole strategy: at least one
     round, more (up to ``max_rounds``) while the rounds so far took less than ``budget_s`` in all.
-    A candidate whose evaluator or run raises is dropped with its reason in ``errors``.
+    A candidate whose evaluator or run raises is dropped with its reason in ``errors``. The
+    model's device is synchronized before and after each timed run (a no-op on the CPU), so that
+    on a GPU the timings are of the work, not of its enqueueing.
     """
+    with annotate("strategy"):
+        return _time_strategies(candidates, make_evaluator, run, warmup, max_rounds, budget_s)
+
+
+def _time_strategies(candidates, make_evaluator, run, warmup, max_rounds, budget_s) -> StrategyChoice:
     choice = StrategyChoice()
     evs, results = {}, {}
     for name in candidates:
@@ -81,9 +107,12 @@ def time_strategies(candidates, make_evaluator: Callable[[str], Evaluator], run:
     spent = 0.0
     while evs and (choice.rounds < 1 or (choice.rounds < max_rounds and spent < budget_s)):
         for name, ev in list(evs.items()):
+            device = _model_device(ev)
+            synchronize(device)  # earlier work (e.g. the warm-up) must not be charged to this run
             t0 = time.perf_counter()
             try:
                 results[name] = run(ev)
+                synchronize(device)  # the run's device work, not just its launches
             except Exception as e:  # noqa: BLE001
                 choice.errors[name] = f"{type(e).__name__}: {e}"
                 del evs[name]
