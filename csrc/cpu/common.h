@@ -1,5 +1,5 @@
 // Shared helpers for the C++ CPU kernels: row/column-block partitioning over at::parallel_for,
-// float sums of squares with double block totals, and the counter-based RNG used by swp_mask.
+// float sums of squares with double block totals, argument checks.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../cuda/swp_mask_keep.h"
 #include "vec/row_kernels.h"
 
 namespace fastmeta::cpu {
@@ -76,26 +77,17 @@ inline void for_row_blocks(int64_t rows, int64_t d, const F& fn) {
   });
 }
 
-// Counter-based uniform in [0, 1) with 24 random bits: splitmix64 of (mixed seed + index). The same
-// function is used by the CUDA kernel (csrc/cuda/swp_mask_kernel.cu), so cpp and cuda masks agree.
-inline uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-inline float uniform24(uint64_t mixed_seed, uint64_t index) {
-  return static_cast<float>(splitmix64(mixed_seed + index) >> 40) * (1.0f / 16777216.0f);
-}
-
 inline void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastmeta: ", name,
               " must be float32 or float64, got ", t.scalar_type());
   TORCH_CHECK(t.device().is_cpu(), "fastmeta: ", name, " must be a CPU tensor");
 }
 
-// [T] per-row scalars (radius, delta) as doubles, whatever their floating dtype.
-inline std::vector<double> to_doubles(const at::Tensor& t) {
+// [T] per-row scalars (radius, delta) as doubles, whatever their floating dtype; read on the host,
+// so they must be CPU tensors.
+inline std::vector<double> to_doubles(const at::Tensor& t, const char* name = "radius/delta") {
+  TORCH_CHECK(t.device().is_cpu(), "fastmeta: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_floating_point(), "fastmeta: ", name, " must be a floating tensor, got ", t.scalar_type());
   const at::Tensor c = t.to(at::kDouble).contiguous();
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
 }

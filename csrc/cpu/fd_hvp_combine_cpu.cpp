@@ -6,6 +6,8 @@
 // output being accumulated stays in L1 while the T rows stream through, and no atomics are needed.
 #include <ATen/ops/empty.h>
 
+#include <limits>
+
 #include "common.h"
 
 namespace fastmeta::cpu {
@@ -18,15 +20,25 @@ constexpr int64_t kColumns = 4096;
 at::Tensor fd_hvp_combine_cpu(const at::Tensor& go_in, const at::Tensor& gp_in, const at::Tensor& gm_in,
                               const at::Tensor& delta, double inner_lr, bool mean) {
   check_float(go_in, "g_o");
-  TORCH_CHECK(go_in.dim() == 2 && gp_in.sizes() == go_in.sizes() && gm_in.sizes() == go_in.sizes(),
-              "fastmeta::fd_hvp_combine: g_o, g_plus, g_minus must be [T, D] of one shape");
+  check_float(gp_in, "g_plus");
+  check_float(gm_in, "g_minus");
+  TORCH_CHECK(go_in.dim() == 2, "fastmeta::fd_hvp_combine: g_o must be [T, D], got ", go_in.sizes());
+  TORCH_CHECK(gp_in.sizes() == go_in.sizes(), "fastmeta::fd_hvp_combine: g_plus must have g_o's shape ",
+              go_in.sizes(), ", got ", gp_in.sizes());
+  TORCH_CHECK(gm_in.sizes() == go_in.sizes(), "fastmeta::fd_hvp_combine: g_minus must have g_o's shape ",
+              go_in.sizes(), ", got ", gm_in.sizes());
   TORCH_CHECK(gp_in.scalar_type() == go_in.scalar_type() && gm_in.scalar_type() == go_in.scalar_type(),
-              "fastmeta::fd_hvp_combine: dtype mismatch");
+              "fastmeta::fd_hvp_combine: g_plus and g_minus must have g_o's dtype ", go_in.scalar_type());
   const int64_t rows = go_in.size(0), d = go_in.size(1);
-  TORCH_CHECK(delta.numel() == rows, "fastmeta::fd_hvp_combine: delta must have T elements");
+  TORCH_CHECK(delta.numel() == rows, "fastmeta::fd_hvp_combine: delta must have T = ", rows, " elements, got ",
+              delta.numel());
   const at::Tensor go = go_in.contiguous(), gp = gp_in.contiguous(), gm = gm_in.contiguous();
-  const std::vector<double> dl = to_doubles(delta);
-  const double inv_t = mean && rows > 0 ? 1.0 / static_cast<double>(rows) : 1.0;
+  const std::vector<double> dl = to_doubles(delta, "delta");
+  if (mean && rows == 0) {
+    // The mean over zero tasks is NaN, as torch.mean of an empty tensor and every other backend.
+    return at::empty({d}, go.options()).fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  const double inv_t = mean ? 1.0 / static_cast<double>(rows) : 1.0;
   at::Tensor out = mean ? at::empty({d}, go.options()) : at::empty({rows, d}, go.options());
 
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "fd_hvp_combine_cpu", [&] {

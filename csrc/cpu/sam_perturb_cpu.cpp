@@ -14,7 +14,8 @@ namespace fastmeta::cpu {
 namespace {
 
 inline double safe_scale(double radius, double sumsq, double eps) {
-  // max(norm, eps) with eps > 0 keeps a zero row at zero perturbation (0 * finite), never NaN.
+  // max(norm, eps) with eps > 0 keeps a zero row at zero perturbation (0 * finite), never NaN; a NaN
+  // norm stays NaN (std::max returns its first argument when they do not compare), as the reference.
   return radius / std::max(std::sqrt(sumsq), eps);
 }
 
@@ -26,20 +27,24 @@ at::Tensor sam_perturb_cpu(const at::Tensor& theta_in, const at::Tensor& g_in,
   check_float(theta_in, "theta");
   check_float(g_in, "g");
   TORCH_CHECK(g_in.dim() == 2, "fastmeta::sam_perturb: g must be [T, D], got ", g_in.sizes());
-  TORCH_CHECK(theta_in.scalar_type() == g_in.scalar_type(), "fastmeta::sam_perturb: dtype mismatch");
+  TORCH_CHECK(theta_in.scalar_type() == g_in.scalar_type(), "fastmeta::sam_perturb: theta must have g's dtype ",
+              g_in.scalar_type(), ", got ", theta_in.scalar_type());
   const int64_t rows = g_in.size(0), d = g_in.size(1);
   TORCH_CHECK(theta_in.dim() == 1 ? theta_in.size(0) == d
                                   : (theta_in.dim() == 2 && theta_in.size(0) == rows && theta_in.size(1) == d),
               "fastmeta::sam_perturb: theta must be [D] or [T, D]");
-  TORCH_CHECK(radius.numel() == rows, "fastmeta::sam_perturb: radius must have T elements");
+  TORCH_CHECK(radius.numel() == rows, "fastmeta::sam_perturb: radius must have T = ", rows, " elements, got ",
+              radius.numel());
   const at::Tensor g = g_in.contiguous();
   const at::Tensor theta = theta_in.contiguous();
   at::Tensor mask;
   if (mask_in.has_value()) {
-    TORCH_CHECK(mask_in->sizes() == g_in.sizes(), "fastmeta::sam_perturb: mask must match g");
+    TORCH_CHECK(mask_in->sizes() == g_in.sizes(), "fastmeta::sam_perturb: mask must have g's shape ", g_in.sizes(),
+                ", got ", mask_in->sizes());
+    TORCH_CHECK(mask_in->device().is_cpu(), "fastmeta::sam_perturb: mask must be a CPU tensor");
     mask = mask_in->to(g.scalar_type()).contiguous();
   }
-  const std::vector<double> rad = to_doubles(radius);
+  const std::vector<double> rad = to_doubles(radius, "radius");
   const int64_t theta_stride = theta.dim() == 1 ? 0 : d;
   at::Tensor out = at::empty({rows, d}, g.options());
 

@@ -1,5 +1,5 @@
 // fastmeta::fd_hvp_points, CUDA (Fallah eqs. 9, 11): rows theta + delta_t v_t, then theta - delta_t v_t.
-// One read of v and theta per element writes both output rows.
+// One read of v and theta per element writes both output rows. Grid row_elementwise_grid.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -9,13 +9,14 @@ namespace {
 template <typename T>
 __global__ void fd_hvp_points_kernel(const T* __restrict__ theta, int64_t theta_stride, const T* __restrict__ v,
                                      const T* __restrict__ delta, T* __restrict__ out, int64_t rows, int64_t d) {
-  const int64_t row = blockIdx.y;
-  const T dt = delta[row];
-  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < d; i += int64_t(gridDim.x) * blockDim.x) {
-    const T th = theta[row * theta_stride + i];
-    const T step = dt * v[row * d + i];
-    out[row * d + i] = th + step;
-    out[(rows + row) * d + i] = th - step;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const T dt = delta[row];
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < d; i += int64_t(gridDim.x) * blockDim.x) {
+      const T th = theta[row * theta_stride + i];
+      const T step = dt * v[row * d + i];
+      out[row * d + i] = th + step;
+      out[(rows + row) * d + i] = th - step;
+    }
   }
 }
 }  // namespace
@@ -24,8 +25,8 @@ template <typename T>
 cudaError_t launch_fd_hvp_points(const T* theta, int64_t theta_stride, const T* v, const T* delta, T* out,
                                  int64_t rows, int64_t d, cudaStream_t stream) {
   if (rows == 0 || d == 0) return cudaSuccess;
-  const int64_t gx = (d + kThreads - 1) / kThreads < 1024 ? (d + kThreads - 1) / kThreads : 1024;
-  fd_hvp_points_kernel<T><<<dim3(gx, rows), kThreads, 0, stream>>>(theta, theta_stride, v, delta, out, rows, d);
+  fd_hvp_points_kernel<T><<<to_dim3(row_elementwise_grid(rows, d)), kThreads, 0, stream>>>(theta, theta_stride, v,
+                                                                                           delta, out, rows, d);
   return cudaGetLastError();
 }
 

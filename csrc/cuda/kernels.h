@@ -1,6 +1,7 @@
 // Torch-free launch functions of the fastmeta CUDA kernels: raw pointers, sizes, a cudaStream_t,
 // returning cudaError_t. Compiled by bare nvcc (sm_80, sm_90); the torch glue is cuda_glue.cpp.
-// All matrices are contiguous row-major [rows, d]; theta_stride is 0 (broadcast [D]) or d.
+// All matrices are contiguous row-major [rows, d]; theta_stride is 0 (broadcast [D]) or d. Grids follow
+// launch_config.h (any rows, any d within CUDA's limits; int64 offsets).
 // NOT RUN on a GPU in this project's CI (no GPU there): compiled and registered only.
 #pragma once
 
@@ -12,6 +13,9 @@ namespace fastmeta::cuda {
 
 // Workspace (doubles) that launch_row_norm / launch_sam_perturb need for their two-stage reduction.
 int64_t reduction_workspace(int64_t rows, int64_t d);
+
+// The architectures nvcc compiled the kernels for, as __CUDA_ARCH_LIST__ spells them ("800,900").
+const char* compiled_arch_list();
 
 template <typename T>
 cudaError_t launch_row_norm(const T* g, T* out, int64_t rows, int64_t d, double* workspace, cudaStream_t stream);

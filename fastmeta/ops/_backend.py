@@ -52,9 +52,10 @@ _backend_modules = {
     "cuda": "fastmeta.ops._cuda",
 }
 _import_errors: dict[str, str] = {}
-# (op, explicit backend, device type, TRITON_INTERPRET) -> the backend resolve() chose. Nothing else
-# that decides it changes while the process runs (the extension loads once, backends register on
-# import), and resolving costs several us per op call. Failures are not cached: they raise.
+# (op, explicit backend, device type, device index, TRITON_INTERPRET) -> the backend resolve() chose
+# (the index: the cuda backend runs on some GPUs and not on others). Nothing else that decides it
+# changes while the process runs (the extension loads once, backends register on import), and
+# resolving costs several us per op call. Failures are not cached: they raise.
 _resolved: dict[tuple, str] = {}
 
 
@@ -102,16 +103,29 @@ def requested_backend() -> tuple[str | None, str]:
     return None, "device default"
 
 
-def _device_type(device: torch.device | str) -> str:
-    return device.type if isinstance(device, torch.device) else torch.device(device).type
+def _device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device; a bare ``"cuda"`` becomes the current CUDA device (what a tensor
+    created on "cuda" lands on), since whether a backend runs can differ from one GPU to another."""
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
-def _platform_reason(backend: str, device_type: str) -> str | None:
-    """Why ``backend`` cannot run at all on ``device_type`` (None if it can)."""
+def _cuda_device_reason(device: torch.device) -> str | None:
+    """Why ``device`` (a CUDA device) does not exist here, None if it does."""
+    if not torch.cuda.is_available():
+        return "no CUDA device available"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"no CUDA device {device} ({torch.cuda.device_count()} available)"
+    return None
+
+
+def _platform_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run at all on ``device`` (None if it can)."""
+    device_type = device.type
     if backend == "reference":
-        if device_type == "cuda" and not torch.cuda.is_available():
-            return "no CUDA device available"
-        return None
+        return _cuda_device_reason(device) if device_type == "cuda" else None
     if backend == "cpp":
         if device_type != "cpu":
             return f"cpp kernels run on CPU tensors only (got {device_type})"
@@ -129,7 +143,12 @@ def _platform_reason(backend: str, device_type: str) -> str | None:
             return f"CUDA library not loaded: {_extension.cuda_reason()}"
         if not torch.cuda.is_available():
             return "no CUDA device available (CUDA kernels compiled and registered, not runnable here)"
-        return None
+        reason = _cuda_device_reason(device)
+        if reason is not None:
+            return reason
+        from . import _cuda
+
+        return _cuda.device_reason(device.index if device.index is not None else torch.cuda.current_device())
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
@@ -140,7 +159,7 @@ def _platform_reason(backend: str, device_type: str) -> str | None:
         if device_type == "cuda":
             if os.environ.get("TRITON_INTERPRET", "0") == "1":
                 return "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"
-            return None if torch.cuda.is_available() else "no CUDA device available"
+            return _cuda_device_reason(device)
         return f"no Triton support for {device_type} tensors"
     raise ValueError(f"unknown backend {backend!r}")
 
@@ -164,7 +183,7 @@ def unavailable_reason(op: str, backend: str, device: torch.device | str = "cpu"
     missing = NOT_IMPLEMENTED.get((op, _check_name(backend, "backend")))
     if missing is not None:
         return missing
-    reason = _platform_reason(backend, _device_type(device))
+    reason = _platform_reason(backend, _device(device))
     if reason is not None:
         return reason
     err = _load_backend(backend)
@@ -180,28 +199,28 @@ def unavailable_reason(op: str, backend: str, device: torch.device | str = "cpu"
 def resolve(op: str, device: torch.device | str) -> str:
     """Name of the backend that will run ``op`` on ``device`` now (raises if an explicit one cannot)."""
     explicit, source = requested_backend()
-    dtype_ = _device_type(device)
-    key = (op, explicit, dtype_, os.environ.get("TRITON_INTERPRET"))
+    dev = _device(device)
+    key = (op, explicit, dev.type, dev.index, os.environ.get("TRITON_INTERPRET"))
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve(op, explicit, source, dtype_)
+        name = _resolved[key] = _resolve(op, explicit, source, dev)
     return name
 
 
-def _resolve(op: str, explicit: str | None, source: str, dtype_: str) -> str:
+def _resolve(op: str, explicit: str | None, source: str, device: torch.device) -> str:
     if explicit is not None:
-        reason = unavailable_reason(op, explicit, dtype_)
+        reason = unavailable_reason(op, explicit, device)
         if reason is not None:
             raise BackendUnavailableError(
-                f"fastmeta op {op!r}: backend {explicit!r} (chosen by {source}) cannot run on {dtype_}: {reason}")
+                f"fastmeta op {op!r}: backend {explicit!r} (chosen by {source}) cannot run on {device}: {reason}")
         return explicit
     reasons = []
-    for name in DEVICE_DEFAULTS.get(dtype_, ("reference",)):
-        reason = unavailable_reason(op, name, dtype_)
+    for name in DEVICE_DEFAULTS.get(device.type, ("reference",)):
+        reason = unavailable_reason(op, name, device)
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")
-    raise BackendUnavailableError(f"fastmeta op {op!r}: no backend for {dtype_}: " + "; ".join(reasons))
+    raise BackendUnavailableError(f"fastmeta op {op!r}: no backend for {device}: " + "; ".join(reasons))
 
 
 def get_impl(op: str, device: torch.device | str) -> Callable:

@@ -8,11 +8,16 @@ normalized by the public wrappers (``fastmeta/ops/<op>.py``): ``g``/``v`` are ``
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import register
+
+# The op module, not the function that fastmeta.ops re-exports under the same name: its keep rule.
+swp = importlib.import_module(f"{__package__}.swp_mask")
 
 BACKEND = "reference"
 
@@ -51,14 +56,35 @@ def fd_hvp_combine(g_o: Tensor, g_plus: Tensor, g_minus: Tensor, delta: Tensor, 
     return per_task.mean(dim=0) if mean else per_task
 
 
+def _int64(u: int) -> int:
+    """The int64 with the bits of the uint64 ``u``."""
+    return u - 2**64 if u >= 2**63 else u
+
+
+def _shift_right(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of the uint64 bits held in int64 ``z`` (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(z: Tensor) -> Tensor:
+    """splitmix64 on int64 tensors holding uint64 bits: + and * wrap mod 2**64 in two's complement,
+    which gives the same bits as uint64 arithmetic (torch has few uint64 kernels, fewer on CUDA)."""
+    z = z + _int64(swp.SPLITMIX64_GAMMA)
+    z = (z ^ _shift_right(z, 30)) * _int64(swp.SPLITMIX64_MUL1)
+    z = (z ^ _shift_right(z, 27)) * _int64(swp.SPLITMIX64_MUL2)
+    return z ^ _shift_right(z, 31)
+
+
 @register("swp_mask", BACKEND)
 def swp_mask(rows: int, cols: int, keep_prob: float, seed: int, rescale: bool, device: torch.device,
              dtype: torch.dtype) -> Tensor:
-    """Element-wise Bernoulli(keep_prob) mask ``[rows, cols]`` from ``torch.rand`` seeded with ``seed``."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.rand(rows, cols, generator=gen, device=device) < keep_prob
+    """Element-wise Bernoulli(keep_prob) mask ``[rows, cols]``: element i is kept when
+    ``(splitmix64(splitmix64(seed) + i) >> 11) < ceil(keep_prob * 2**53)`` (``fastmeta/ops/swp_mask.py``)."""
+    index = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    h = _splitmix64(index + _int64(swp.splitmix64(seed)))
+    keep = _shift_right(h, 11) < swp.keep_threshold(keep_prob)
     fill = 1.0 / keep_prob if rescale else 1.0
-    return keep.to(dtype) * fill
+    return (keep.to(dtype) * fill).reshape(rows, cols)
 
 
 @register("sds_select", BACKEND)

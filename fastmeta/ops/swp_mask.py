@@ -23,6 +23,33 @@ __all__ = ["swp_mask"]
 
 _SEED_BOUND = 2**62
 
+# The keep rule, implemented bit for bit by every backend (reference.py, triton/swp_mask.py,
+# csrc/cpu/swp_mask_cpu.cpp and csrc/cuda/swp_mask_kernel.cu, the last two through one shared
+# function in csrc/cuda/swp_mask_keep.h), so a seed gives the same mask on every backend and device:
+#   h_i    = splitmix64(splitmix64(seed) + i)      uint64 arithmetic, i = flat index into [rows, cols]
+#   keep_i = (h_i >> 11) < ceil(keep_prob * 2**53)
+# i.e. u_i = (h_i >> 11) / 2**53 is a uniform double in [0, 1) with 53 random bits, kept when
+# u_i < keep_prob (keep_prob = 1 keeps everything). A counter-based hash: the mask depends on
+# (seed, index) only, never on threads, grids or block sizes.
+SPLITMIX64_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX64_MUL1 = 0xBF58476D1CE4E5B9
+SPLITMIX64_MUL2 = 0x94D049BB133111EB
+_MASK64 = 2**64 - 1
+
+
+def splitmix64(z: int) -> int:
+    """splitmix64's finalizer of one uint64 (Python ints, arithmetic mod 2**64)."""
+    z = (z + SPLITMIX64_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * SPLITMIX64_MUL1) & _MASK64
+    z = ((z ^ (z >> 27)) * SPLITMIX64_MUL2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """Keep element i when ``(h_i >> 11) < keep_threshold(keep_prob)``: ``ceil(keep_prob * 2**53)``,
+    exact in float64 (a power-of-two scaling)."""
+    return math.ceil(math.ldexp(keep_prob, 53))
+
 
 @torch.library.custom_op("fastmeta_ops::swp_mask", mutates_args=())
 def _swp_mask_op(rows: int, cols: int, keep_prob: float, seed: int, rescale: bool, device: torch.device,
@@ -49,10 +76,9 @@ def swp_mask(shape: int | Sequence[int], keep_prob: float, seed: int | None = No
     Args:
         shape: mask shape, e.g. ``[T, D]`` (each task row gets independent draws) or ``[D]``.
         keep_prob: probability of keeping an element (or a tensor), in (0, 1]. ESAM's ``beta``.
-        seed: integer seed in ``[0, 2**62)``. Same seed, shape and backend -> the same mask. Backends
-            use different generators (reference: ``torch.rand``; cpp/cuda: a counter-based
-            splitmix64 hash, identical to each other; triton: ``tl.rand``), so masks differ across
-            backends while the distribution is the same.
+        seed: integer seed in ``[0, 2**62)``. Same seed and shape -> the same mask, bit for bit, on
+            every backend and device: element i is kept when a counter-based splitmix64 hash of
+            (seed, i), read as a uniform double in [0, 1), is below ``keep_prob``.
         generator: a ``torch.Generator`` to draw the seed from (instead of ``seed``). With neither,
             the seed comes from torch's default generator, so ``torch.manual_seed`` makes it repeatable.
         mode: ``"element"`` (ESAM Alg. 1) or ``"tensor"`` (ESAM code; one draw per segment per row).

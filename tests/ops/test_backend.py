@@ -154,3 +154,57 @@ def test_cold_import_without_extension_or_triton(how):
     else:
         assert "not importable" in out.stdout
         assert "TRITON: importing" in out.stdout or "not installed" in out.stdout
+
+
+def test_cuda_backend_answers_per_device_compute_capability(monkeypatch):
+    """cuda:0 an H100 (9.0), cuda:1 a T4 (7.5): the kernels (sm_80, sm_90) run on the first only; a T4
+    must get the reason, not "no kernel image is available" at the first launch."""
+    if not _extension.cuda_library_loaded():
+        pytest.skip(f"CUDA library not loaded: {_extension.cuda_reason()}")
+    capability = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capability[1 if i is None else int(i)])
+    monkeypatch.setattr(torch.version, "cuda", _cuda_version_built() or torch.version.cuda)
+    monkeypatch.setattr(_backend, "_resolved", {})
+    assert ops.unavailable_reason("row_norm", "cuda", "cuda:0") is None
+    reason = ops.unavailable_reason("row_norm", "cuda", "cuda:1")
+    assert reason is not None and "compute capability 7.5 < 8.0" in reason and "sm_80" in reason, reason
+    assert ops.unavailable_reason("row_norm", "cuda", "cuda") == reason  # the current device, cuda:1
+    assert "no CUDA device cuda:2" in ops.unavailable_reason("row_norm", "cuda", "cuda:2")
+    with ops.use_backend("cuda"):
+        assert ops.resolve("row_norm", torch.device("cuda", 0)) == "cuda"
+        with pytest.raises(ops.BackendUnavailableError, match=r"cuda:1.*compute capability 7\.5"):
+            ops.resolve("row_norm", torch.device("cuda", 1))
+
+
+def _cuda_version_built():
+    from fastmeta.ops import _cuda
+
+    return _cuda.built_cuda_version()
+
+
+def test_cuda_capability_and_version_rules():
+    from fastmeta.ops import _cuda
+
+    archs = ((8, 0), (9, 0))
+    assert _cuda.capability_reason((7, 5), archs) == \
+        "not supported because compute capability 7.5 < 8.0 (kernels built for sm_80, sm_90)"
+    assert "7.0 < 8.0" in _cuda.capability_reason((7, 0), archs)
+    for ok in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)):
+        assert _cuda.capability_reason(ok, archs) is None, ok
+    assert _cuda.version_reason("13.0", "13.0") is None
+    assert _cuda.version_reason("12.4", "12.8") is None  # older minor: CUDA minor-version compatibility
+    assert "compiled with CUDA 12.4 (nvcc) but torch runs CUDA 13.0" in _cuda.version_reason("12.4", "13.0")
+    assert "13.2" in _cuda.version_reason("13.2", "13.0")  # newer than torch's runtime
+    assert _cuda.version_reason(None, "13.0") is None and _cuda.version_reason("13.0", None) is None
+
+
+@pytest.mark.skipif(not _extension.cuda_library_loaded(), reason=f"CUDA library not loaded: {_extension.cuda_reason()}")
+def test_cuda_library_reports_what_it_was_built_with():
+    from fastmeta.ops import _cuda
+
+    assert _cuda.built_archs() == ((8, 0), (9, 0))  # CMakeLists.txt: CMAKE_CUDA_ARCHITECTURES 80 90
+    built = _cuda.built_cuda_version()
+    assert built and built == (_extension.build_status().get("nvcc_version") or built)

@@ -98,3 +98,46 @@ def test_swp_mask_opcheck(any_backend):
     with ops.use_backend(any_backend):
         torch.library.opcheck(torch.ops.fastmeta_ops.swp_mask.default,
                               (3, 10, 0.5, 4, False, torch.device("cpu"), torch.float32))
+
+
+def _numpy_keep(rows, cols, keep_prob, seed):
+    """The keep rule of fastmeta/ops/swp_mask.py, written independently: numpy uint64 splitmix64 of
+    (splitmix64(seed) + flat index), its top 53 bits as a double in [0, 1), kept when < keep_prob."""
+    np = pytest.importorskip("numpy")
+
+    def splitmix64(z):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    mixed = splitmix64(np.array([seed], dtype=np.uint64))
+    u = (splitmix64(mixed + np.arange(rows * cols, dtype=np.uint64)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return torch.from_numpy(u < keep_prob).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 1025), (8, 4099)])
+@pytest.mark.parametrize("keep_prob,seed", [(0.5, 0), (0.3, 2024), (0.999, 2**62 - 1), (1e-3, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swp_mask_same_bits_on_every_backend(any_backend, run_on, rows, cols, keep_prob, seed, dtype):
+    """One counter-based generator everywhere: a seed gives the same mask on reference, cpp, triton
+    (and cuda, whose kernel calls the same keep function as the cpp one: csrc/cuda/swp_mask_keep.h)."""
+    keep = _numpy_keep(rows, cols, keep_prob, seed)
+    for rescale in (False, True):
+        m = _mask(any_backend, run_on, (rows, cols), keep_prob, seed=seed, rescale=rescale, dtype=dtype)
+        fill = torch.tensor(1.0 / keep_prob if rescale else 1.0, dtype=dtype)
+        assert torch.equal(m, keep.to(dtype) * fill), f"{any_backend}: {int((m != 0).ne(keep).sum())} elements differ"
+
+
+def test_swp_mask_golden_bits(any_backend, run_on):
+    # Frozen: the first 32 draws for seed 2024 (a change here changes every Sharp-MAML SWP run).
+    m = _mask(any_backend, run_on, (1, 32), 0.5, seed=2024)
+    assert "".join(str(int(x)) for x in m[0].tolist()) == "00110101111111110111100110011011"
+
+
+def test_swp_mask_keep_fraction_large(any_backend, run_on):
+    # 53-bit uniforms: the keep fraction is keep_prob within sampling error, also for tiny keep_prob.
+    n = 1 << 20
+    for keep_prob in (1e-4, 0.25, 0.75):
+        kept = float(_mask(any_backend, run_on, (n,), keep_prob, seed=3).sum())
+        assert abs(kept - n * keep_prob) < 6 * math.sqrt(n * keep_prob * (1 - keep_prob)) + 1, (keep_prob, kept)

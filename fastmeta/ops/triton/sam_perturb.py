@@ -1,9 +1,11 @@
 """Triton ``sam_perturb`` (Sharp-MAML eqs. 11, 13):
 ``out[t] = theta + radius_t (g*m)_t / max(||(g*m)_t||, eps)`` (or one norm over all of g).
 
-Stage 1: per-chunk sums of squares (``_common.sumsq_partial_kernel``). Stage 2 is fused into the
-elementwise kernel: each program adds its row's S partials (or all T*S for the global norm, a few
-hundred numbers at most), so there is no separate finish launch. g/mask are read twice, theta once.
+Stage 1: per-chunk sums of squares ``[T, S]`` (``_common.sumsq_partial_kernel``). Stage 2: each row's
+S partials summed in bounded tiles (``_common.sum_partials_kernel``); for the global norm the T row
+sums are summed once more the same way, so no program ever holds more than one tile of partials (a
+global norm over [64, 10M] has 78,000 partials). Stage 3 (``_sam_perturb_kernel``): the elementwise
+axpy, each program turning its row's sum of squares into the scale. g/mask are read twice, theta once.
 """
 
 from __future__ import annotations
@@ -13,33 +15,33 @@ import triton
 import triton.language as tl
 
 from .._backend import register
-from ._common import BLOCK, one_config
-from .row_norm import row_sumsq_partials
+from . import _common, _launch
+from .row_norm import row_sumsq_partials, sum_rows
+
+row_start = _common.row_start
 
 
-@triton.autotune(configs=one_config(BLOCK=BLOCK), key=["D"])
 @triton.jit
-def _sam_perturb_kernel(theta_ptr, g_ptr, m_ptr, radius_ptr, partial_ptr, out_ptr, D, S, theta_stride, eps,
-                        HAS_MASK: tl.constexpr, GLOBAL_NORM: tl.constexpr, BLOCK_P: tl.constexpr,
+def _sam_perturb_kernel(theta_ptr, g_ptr, m_ptr, radius_ptr, sumsq_ptr, out_ptr, T, D, theta_stride,
+                        eps: tl.float64, HAS_MASK: tl.constexpr, GLOBAL_NORM: tl.constexpr,
                         BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    pid = tl.program_id(1)
-    p_offs = tl.arange(0, BLOCK_P)
-    if GLOBAL_NORM:
-        n_partials = tl.num_programs(0) * S
-        p = tl.load(partial_ptr + p_offs, mask=p_offs < n_partials, other=0.0)
-    else:
-        p = tl.load(partial_ptr + t * S + p_offs, mask=p_offs < S, other=0.0)
-    norm = tl.sqrt(tl.sum(p, axis=0))
-    scale = tl.load(radius_ptr + t) / tl.maximum(norm, eps)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    dtype = g_ptr.dtype.element_ty
+    offs = row_start(tl.program_id(0), BLOCK) + tl.arange(0, BLOCK)
     inb = offs < D
-    row = t.to(tl.int64) * D
-    x = tl.load(g_ptr + row + offs, mask=inb, other=0.0)
-    if HAS_MASK:
-        x = x * tl.load(m_ptr + row + offs, mask=inb, other=0.0)
-    th = tl.load(theta_ptr + t.to(tl.int64) * theta_stride + offs, mask=inb, other=0.0)
-    tl.store(out_ptr + row + offs, th + scale * x, mask=inb)
+    for t in range(tl.program_id(1), T, tl.num_programs(1)):
+        # max(norm, eps) that keeps a NaN norm NaN, as the reference's clamp_min (maximum would pick eps).
+        if GLOBAL_NORM:
+            norm = tl.sqrt(tl.load(sumsq_ptr))
+        else:
+            norm = tl.sqrt(tl.load(sumsq_ptr + t))
+        floor = tl.full([], eps, dtype)
+        scale = tl.load(radius_ptr + t) / tl.where(norm < floor, floor, norm)
+        row = row_start(t, D)
+        x = tl.load(g_ptr + row + offs, mask=inb, other=0.0)
+        if HAS_MASK:
+            x = x * tl.load(m_ptr + row + offs, mask=inb, other=0.0)
+        th = tl.load(theta_ptr + row_start(t, theta_stride) + offs, mask=inb, other=0.0)
+        tl.store(out_ptr + row + offs, th + scale * x, mask=inb)
 
 
 @register("sam_perturb", "triton")
@@ -49,14 +51,16 @@ def sam_perturb(theta, g, radius, mask, eps, global_norm):
     mask = mask.contiguous() if mask is not None else None
     radius = radius.to(g.dtype).contiguous()
     t, d = g.shape
-    out = torch.empty_like(g)
     if t == 0 or d == 0:
-        return out + theta
-    partial = row_sumsq_partials(g, mask)
-    s = partial.shape[1]
-    block_p = triton.next_power_of_2(t * s if global_norm else s)
-    grid = lambda meta: (t, triton.cdiv(d, meta["BLOCK"]))  # noqa: E731
-    _sam_perturb_kernel[grid](theta, g, mask if mask is not None else g, radius, partial, out, d, s,
-                              0 if theta.dim() == 1 else d, eps, HAS_MASK=mask is not None,
-                              GLOBAL_NORM=bool(global_norm), BLOCK_P=block_p)
+        return torch.empty_like(g) + theta
+    out = torch.empty_like(g)
+    with _common.device_guard(g.device):
+        sumsq = sum_rows(row_sumsq_partials(g, mask), sqrt=False)
+        if global_norm:
+            sumsq = sum_rows(sumsq.view(1, t), sqrt=False)
+        block = _launch.BLOCKS.block
+        _sam_perturb_kernel[_launch.row_block_grid(t, d, block)](
+            theta, g, mask if mask is not None else g, radius, sumsq, out, t, d, 0 if theta.dim() == 1 else d,
+            float(eps), HAS_MASK=mask is not None, GLOBAL_NORM=bool(global_norm), BLOCK=block,
+            num_warps=_launch.NUM_WARPS)
     return out
