@@ -146,9 +146,9 @@ def _platform_reason(backend: str, device: torch.device) -> str | None:
         reason = _cuda_device_reason(device)
         if reason is not None:
             return reason
-        from . import _cuda
+        from . import _cuda_support
 
-        return _cuda.device_reason(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_support.device_reason(device.index if device.index is not None else torch.cuda.current_device())
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"

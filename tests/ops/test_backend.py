@@ -180,13 +180,13 @@ def test_cuda_backend_answers_per_device_compute_capability(monkeypatch):
 
 
 def _cuda_version_built():
-    from fastmeta.ops import _cuda
+    from fastmeta.ops import _cuda_support as _cuda
 
     return _cuda.built_cuda_version()
 
 
 def test_cuda_capability_and_version_rules():
-    from fastmeta.ops import _cuda
+    from fastmeta.ops import _cuda_support as _cuda
 
     archs = ((8, 0), (9, 0))
     assert _cuda.capability_reason((7, 5), archs) == \
@@ -203,7 +203,7 @@ def test_cuda_capability_and_version_rules():
 
 @pytest.mark.skipif(not _extension.cuda_library_loaded(), reason=f"CUDA library not loaded: {_extension.cuda_reason()}")
 def test_cuda_library_reports_what_it_was_built_with():
-    from fastmeta.ops import _cuda
+    from fastmeta.ops import _cuda_support as _cuda
 
     assert _cuda.built_archs() == ((8, 0), (9, 0))  # CMakeLists.txt: CMAKE_CUDA_ARCHITECTURES 80 90
     built = _cuda.built_cuda_version()
