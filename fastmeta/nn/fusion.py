@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _extension
-from ..ops.bn_relu_pool import bn_relu_pool
+from ..ops.bn_relu_pool import bn_relu_pool, param_dtype
 
 __all__ = ["fuse_conv_blocks", "count_fusable", "FusedSequential"]
 
@@ -56,17 +56,12 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def _param_dtype(x: Tensor) -> torch.dtype:
-    # bf16 activations (CPU autocast) come with float32 batch-norm parameters.
-    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
-
-
 def _fusable_input(x: Tensor, bn: nn.BatchNorm2d) -> bool:
     return (not torch.compiler.is_compiling()
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.bfloat16) and x.dim() == 4
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and x.shape[0] * x.shape[2] * x.shape[3] > 1
-            and all(p is None or (p.dtype == _param_dtype(x) and p.device.type == "cpu") for p in (bn.weight, bn.bias))
+            and all(p is None or (p.dtype == param_dtype(x) and p.device.type == "cpu") for p in (bn.weight, bn.bias))
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 

@@ -46,8 +46,9 @@ _lock = threading.Lock()
 _lib: Optional[torch.library.Library] = None
 
 
-def _param_dtype(x: Tensor) -> torch.dtype:
-    # bf16 activations (CPU autocast's conv output) come with float32 batch-norm parameters.
+def param_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``weight``/``bias`` (and ``mean``/``invstd``) must have for ``x``: bf16 activations
+    (CPU autocast's conv output) come with float32 batch-norm parameters."""
     return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
 
 
@@ -63,19 +64,19 @@ def _fake_forward(x, weight, bias, eps):
     fmt, pooled = _layout(x), (n, c, h // 2, w // 2)
     out = torch.empty(pooled, dtype=x.dtype, device=x.device, memory_format=fmt)
     idx = torch.empty(pooled, dtype=torch.uint8, device=x.device, memory_format=fmt)
-    return out, idx, x.new_empty((c,), dtype=_param_dtype(x)), x.new_empty((c,), dtype=_param_dtype(x))
+    return out, idx, x.new_empty((c,), dtype=param_dtype(x)), x.new_empty((c,), dtype=param_dtype(x))
 
 
 def _fake_backward(grad_out, x, weight, mean, invstd, idx):
     c = x.shape[1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
-    return dx, x.new_empty((c,), dtype=_param_dtype(x)), x.new_empty((c,), dtype=_param_dtype(x))
+    return dx, x.new_empty((c,), dtype=param_dtype(x)), x.new_empty((c,), dtype=param_dtype(x))
 
 
 def _fake_double_backward(ggx, ggw, ggb, grad_out, x, weight, mean, invstd, idx):
     # NCHW results whatever x's layout (the double backward works channel by channel).
     return (grad_out.new_empty(grad_out.shape, dtype=x.dtype), x.new_empty(x.shape),
-            x.new_empty((x.shape[1],), dtype=_param_dtype(x)))
+            x.new_empty((x.shape[1],), dtype=param_dtype(x)))
 
 
 # ------------------------------------------------------------------------------ autograd formulas
@@ -170,8 +171,8 @@ def _check(x, weight, bias) -> None:
         if not isinstance(p, Tensor) or p.dim() != 1 or p.shape[0] != c:
             got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
             raise RuntimeError(f"bn_relu_pool: {name} must be [C] = [{c}], got {got}")
-        if p.dtype != _param_dtype(x):
-            raise RuntimeError(f"bn_relu_pool: {name} must be {_DTYPE_NAMES[_param_dtype(x)]} for x of dtype "
+        if p.dtype != param_dtype(x):
+            raise RuntimeError(f"bn_relu_pool: {name} must be {_DTYPE_NAMES[param_dtype(x)]} for x of dtype "
                                f"{_DTYPE_NAMES[x.dtype]}, got {_DTYPE_NAMES.get(p.dtype, p.dtype)}")
         if p.device != x.device:
             raise RuntimeError(f"bn_relu_pool: {name} is on {p.device} but x is on {x.device}")
