@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..algorithms.registry import add_algorithm_args
+from ..evaluation import STRATEGIES
 from ..training import DEFAULTS, train
 
 
@@ -15,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--test-alphabets", nargs="+", help="alphabets held out for meta-testing (default: a seeded quarter)")
     add_algorithm_args(p)
     p.add_argument("--adapt", default="all", choices=["all", "head"], help="'head' = ANIL")
-    p.add_argument("--strategy", default="auto", choices=["auto", "vmap", "loop", "bmm"])
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES)
     for name, typ in (("ways", int), ("shots", int), ("queries", int), ("meta-batch", int), ("inner-lr", float),
                       ("meta-lr", float), ("steps", int), ("val-every", int), ("val-tasks", int), ("test-tasks", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="task-dependent default")

@@ -11,6 +11,7 @@ import torch
 from ..algorithms.registry import build_algorithm
 from ..data import Omniglot, OmniglotTasks, SinusoidTasks, split_alphabets
 from ..data.omniglot import fingerprint as omniglot_fingerprint
+from ..evaluation import STRATEGIES
 from ..learner import MetaLearner
 from ..models import Conv4, SineMLP, build_model
 
@@ -22,7 +23,6 @@ DEFAULTS = {
 }
 
 LOSS_FN = {"sinusoid": "mse", "omniglot": "cross_entropy"}
-STRATEGIES = ("auto", "vmap", "loop", "bmm")
 
 
 def _int(cfg: dict, key: str, low: int, why: str = "") -> None:
