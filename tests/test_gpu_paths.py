@@ -106,7 +106,7 @@ def test_auto_strategy_times_device_work_not_enqueueing(monkeypatch):
         return ev.name
 
     monkeypatch.setattr(strategy, "synchronize", synchronize)
-    make = lambda name: SimpleNamespace(name=name, model=nn.Linear(1, 1))  # noqa: E731
+    make = lambda name: SimpleNamespace(name=name, layout=SimpleNamespace(device=torch.device("cpu")))  # noqa: E731
     choice = strategy.time_strategies(["async", "host"], make, run, max_rounds=2, budget_s=10)
     assert choice.strategy == "host", choice.timings
     assert choice.timings["async"] >= 0.04

@@ -54,12 +54,6 @@ def synchronize(device: torch.device) -> None:
             backend.synchronize()
 
 
-def _model_device(ev: Evaluator) -> torch.device:
-    for t in ev.model.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
 @dataclass
 class StrategyChoice:
     """The outcome of :func:`time_strategies`.
@@ -107,7 +101,7 @@ def _time_strategies(candidates, make_evaluator, run, warmup, max_rounds, budget
     spent = 0.0
     while evs and (choice.rounds < 1 or (choice.rounds < max_rounds and spent < budget_s)):
         for name, ev in list(evs.items()):
-            device = _model_device(ev)
+            device = ev.layout.device
             synchronize(device)  # earlier work (e.g. the warm-up) must not be charged to this run
             t0 = time.perf_counter()
             try:
