@@ -54,10 +54,12 @@ def per_task(value: object, name: str, t: int, like: Tensor, positive: bool) -> 
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got {value.dtype}")
     # min() propagates NaN, and NaN fails both comparisons: rejected too; max() catches +inf (an
-    # infinite radius or step makes every row inf/NaN). Two reductions, no temporaries.
-    if value.device.type == "cpu" and value.numel() and not _is_fake(value) and (
-            bad(float(value.detach().min())) or not math.isfinite(float(value.detach().max()))):
-        raise ValueError(f"{name} must be finite and {rule} everywhere, got {value.tolist()}")
+    # infinite radius or step makes every row inf/NaN). Two reductions, one host read.
+    if value.device.type == "cpu" and value.numel() and not _is_fake(value):
+        v = value.detach()
+        lo, hi = torch.stack([v.min(), v.max()]).tolist()
+        if bad(lo) or not math.isfinite(hi):
+            raise ValueError(f"{name} must be finite and {rule} everywhere, got {value.tolist()}")
     return value.to(like.dtype).reshape(-1).expand(t)
 
 
