@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -15,78 +13,24 @@ from .algorithms.base import Algorithm, MetaResult
 from .distributed.group import resolve_group
 from .distributed.reduce import TaskReduction
 from .evaluation import STRATEGIES, Evaluator, FeatureSplit, candidate_strategies, resolve_loss, time_strategies
-from .evaluation.losses import target_mismatch
+from .evaluation.losses import target_mismatch, task_losses
 from .evaluation.strategy import no_trace
-from .metrics import accuracy, ci95
+from .metrics import accuracy
 from .params import Adapt, ParamLayout
 from .profiling import annotate
-from .tasks import TaskBatch
+from .results import EvalResult, StepResult, check_finite, finiteness
+from .tasks import RaggedTaskBatch, TaskBatch
+
+__all__ = ["MetaLearner", "StepResult", "EvalResult"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StepResult:
-    """What :meth:`MetaLearner.step` returns: mean post-adaptation query loss (and accuracy)."""
-
-    loss: float
-    accuracy: Optional[float] = None
-    per_task_loss: Optional[torch.Tensor] = None
-
-
-@dataclass
-class EvalResult:
-    """Meta-test summary over T tasks: means and 95% confidence half-widths (1.96 * std / sqrt(T))."""
-
-    loss: float
-    loss_ci95: float
-    accuracy: Optional[float]
-    accuracy_ci95: Optional[float]
-    num_tasks: int
-    per_task_loss: torch.Tensor
-    per_task_accuracy: Optional[torch.Tensor]
-
-    @classmethod
-    def from_tasks(cls, loss: torch.Tensor, accuracy: Optional[torch.Tensor] = None) -> "EvalResult":
-        """The summary of per-task losses ``[T]`` (and accuracies ``[T]``)."""
-        return cls(float(loss.mean()), ci95(loss), None if accuracy is None else float(accuracy.mean()),
-                   None if accuracy is None else ci95(accuracy), loss.numel(), loss, accuracy)
-
-    @classmethod
-    def concat(cls, results: Sequence["EvalResult"]) -> "EvalResult":
-        """One summary over the tasks of several results (e.g. chunks of a long meta-test)."""
-        if not results:
-            raise ValueError("results: expected at least one EvalResult")
-        accs = [r.per_task_accuracy for r in results if r.per_task_accuracy is not None]
-        return cls.from_tasks(torch.cat([r.per_task_loss for r in results]), torch.cat(accs) if accs else None)
-
-    def __str__(self) -> str:
-        s = f"loss {self.loss:.4f} ± {self.loss_ci95:.4f}"
-        if self.accuracy is not None:
-            s += f", accuracy {100 * self.accuracy:.2f}% ± {100 * self.accuracy_ci95:.2f}%"
-        return s + f" (95% CI over {self.num_tasks} tasks)"
-
-
-def _finiteness(res: MetaResult) -> torch.Tensor:
-    # Two reductions: any NaN/inf in either tensor makes the sum non-finite. A sum of finite values
-    # can still overflow (float32 near 3e38): _check_finite's element-wise diagnosis then finds
-    # nothing and the result stands.
-    return res.grad.sum() + res.query_loss.sum()
-
-
-def _check_finite(res: MetaResult, total: float) -> None:
-    """``FloatingPointError`` naming the tasks whose query loss is not finite, or the meta-gradient;
-    ``total`` is the host value of :func:`_finiteness` (the element-wise reads happen only when it
-    is not finite)."""
-    if math.isfinite(total):
-        return
-    bad = ~torch.isfinite(res.query_loss)
-    if bad.any():
-        raise FloatingPointError(
-            f"loss: non-finite query loss for tasks {bad.nonzero().flatten().tolist()[:8]} "
-            f"(values {res.query_loss[bad][:4].tolist()}); lower inner_lr or the meta learning rate")
-    if not torch.isfinite(res.grad).all():
-        raise FloatingPointError("loss: the meta-gradient is non-finite; lower inner_lr or the meta learning rate")
+_COMPILE_REFUSAL = (
+    "torch.compile cannot compile a meta-gradient step: it differentiates through "
+    "torch.autograd.grad(create_graph=True), and AOTAutograd does not support double backward. Run the step "
+    "eagerly (call it outside the compiled function); for speed use strategy='auto'/'vmap'/'bmm' and the CPU "
+    "speed modes (fused=True, bf16=True, channels_last=True)")
 
 
 class MetaLearner:
@@ -95,8 +39,10 @@ class MetaLearner:
     Args:
         model: any ``nn.Module`` mapping ``[N, ...]`` inputs to ``[N, ...]`` outputs.
         algorithm: e.g. ``fastmeta.MAML(inner_lr=0.4)``.
-        loss_fn: ``"cross_entropy"`` (default; accuracy is reported), ``"mse"``, or a functional
-            loss accepting ``reduction=`` such as ``F.cross_entropy``.
+        loss_fn: ``"cross_entropy"`` (default; accuracy is reported), ``"mse"``, a functional loss
+            (``F.cross_entropy``), a torch loss module (``nn.CrossEntropyLoss(label_smoothing=0.1)``)
+            or any callable ``loss(output [N, ...], target [N, ...]) -> scalar``, applied per task
+            (see :func:`fastmeta.evaluation.resolve_loss`).
         adapt: which parameters the inner loop adapts: ``"all"``, ``"head"`` (ANIL) or names.
         strategy: ``"auto"`` (time ``loop``, ``vmap`` and, for Linear/activation models, ``bmm``
             on the first batch, keep the fastest), ``"vmap"``, ``"loop"`` or ``"bmm"``. See
@@ -128,8 +74,10 @@ class MetaLearner:
             required, ``ValueError`` naming ``feature_cache`` with the reason when it cannot apply;
             ``False``: off. ``learner.feature_cache`` / ``learner.feature_cache_reason`` report it.
 
-    ``step(batch)`` writes the meta-gradient (mean over tasks) into ``.grad`` of the model's
-    parameters, so any ``torch.optim`` optimizer can step it::
+    ``step(batch)`` adds the meta-gradient (mean over tasks) to ``.grad`` of the model's parameters
+    (like ``backward()``), so any ``torch.optim`` optimizer can step it. Device and dtype follow the
+    model at every call (``model.double()``, ``model.to(device)``, or ``learner.to(...)``); only
+    data that disagrees with the model is an error::
 
         learner = fastmeta.MetaLearner(model, fastmeta.MAML(inner_lr=0.4))
         opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -156,32 +104,73 @@ class MetaLearner:
         # The reduction over processes (None in one process): fixed at the first meta-gradient,
         # when the group is resolved; it counts the all-reduces and the time spent in them.
         self.reduction: Optional[TaskReduction] = None
-        self.layout = ParamLayout(model, adapt)
         if feature_cache not in (None, True, False):
             raise ValueError(f"feature_cache: expected None (auto), True or False, got {feature_cache!r}")
-        # One split shared by every evaluator of this learner: verified once, on the first batch.
-        self._feature_split: Optional[FeatureSplit] = None
-        self._feature_cache_off = "off: feature_cache=False"
-        if feature_cache is not False:
-            split = FeatureSplit(model, self.layout, required=feature_cache is True)  # raises if required
-            if split.enabled:
-                self._feature_split = split
-            else:
-                self._feature_cache_off = split.reason
+        self._adapt, self._feature_cache_arg = adapt, feature_cache
         self.strategy = strategy
-        # Per input/target signature: the model's number of classes (None for regression), from
-        # the up-front probe of the first batch with that signature (see _probe).
-        self._probed: dict[tuple, Optional[int]] = {}
+        self._compiling: Optional[str] = None
         self.strategy_timings: dict[str, float] = {}
         self.strategy_reason: str = "" if strategy == "auto" else "chosen by the caller"
         # Opt-in CPU speed modes, passed to every Evaluator (validated there: bf16 needs float32).
         # Exact ANIL feature caching travels with them (every Evaluator of this learner is built
         # from this dict).
         self.speed_modes = dict(channels_last=channels_last, bf16=bf16, fused=fused)
-        if self._feature_split is not None:
-            self.speed_modes["feature_cache"] = self._feature_split
+        self._build()
+        algorithm.bind(self.layout, model)  # learned inner rates (Meta-SGD, MAML++) are made here
         self._new_evaluator("loop")  # validates the speed modes now, not at the first batch
         self._ev: Optional[Evaluator] = None if strategy == "auto" else self._new_evaluator(strategy)
+
+    def _build(self) -> None:
+        # Everything that depends on the model's parameters' dtype and device: rebuilt by
+        # _follow_model when the model moves (model.double(), model.to("cuda")).
+        self.layout = ParamLayout(self.model, self._adapt)
+        # One split shared by every evaluator of this learner: verified once, on the first batch.
+        self._feature_split: Optional[FeatureSplit] = None
+        self._feature_cache_off = "off: feature_cache=False"
+        self.speed_modes.pop("feature_cache", None)
+        if self._feature_cache_arg is not False:
+            split = FeatureSplit(self.model, self.layout, required=self._feature_cache_arg is True)
+            if split.enabled:
+                self._feature_split = split
+                self.speed_modes["feature_cache"] = split
+            else:
+                self._feature_cache_off = split.reason
+        # Per input/target signature: the model's number of classes (None for regression), from
+        # the up-front probe of the first batch with that signature (see _probe).
+        self._probed: dict[tuple, Optional[int]] = {}
+
+    def _follow_model(self) -> None:
+        # Device and dtype follow the model at each call: after model.double() or model.to(...)
+        # the layout, evaluators and learned algorithm tensors are rebuilt on the new ones (the
+        # strategy already chosen is kept).
+        ps = [p for p in self.model.parameters() if p.requires_grad]
+        if all(p.dtype == self.layout.dtype and p.device == self.layout.device for p in ps):
+            return
+        strategy = self._ev.strategy if self._ev is not None else None
+        self._build()
+        with torch.no_grad():
+            for p in self._meta_params():
+                p.data = p.data.to(self.layout.device, self.layout.dtype)
+        self._new_evaluator("loop")
+        self._ev = None if strategy is None else self._new_evaluator(strategy)
+
+    def to(self, *args, **kwargs) -> "MetaLearner":
+        """``model.to(*args, **kwargs)`` and the same for the algorithm's learned tensors; returns self."""
+        self.model.to(*args, **kwargs)
+        with torch.no_grad():
+            for p in self._meta_params():
+                p.data = p.data.to(*args, **kwargs)
+        self._follow_model()
+        return self
+
+    def _meta_params(self) -> list:
+        return list(self.algorithm.meta_parameters())
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The model's parameters, then the algorithm's learned ones (Meta-SGD's or MAML++'s inner
+        rates; none for MAML): what the meta-optimizer steps, e.g. ``Adam(learner.parameters())``."""
+        yield from self.model.parameters()
+        yield from self._meta_params()
 
     # ------------------------------------------------------------------ feature caching
     @property
@@ -259,6 +248,10 @@ class MetaLearner:
                     why = target_mismatch(self.loss_fn, out, y)
                     if why is not None:
                         raise ValueError(f"{yn}: {why}")
+                    per_task = task_losses(self.loss_fn, out, y)  # a non-scalar user loss fails here
+                    if per_task.shape != (1,):
+                        raise ValueError(f"loss_fn: expected one loss value per task, got shape "
+                                         f"{tuple(per_task.shape)} for one task")
                     if self.classification and out.dim() >= 3:
                         classes = out.shape[2]
             self._probed[sig] = classes
@@ -291,17 +284,28 @@ class MetaLearner:
         return None if self._ev is None else self._ev.strategy
 
     # ------------------------------------------------------------------ training
-    def meta_gradient(self, batch: TaskBatch) -> MetaResult:
-        """The flat meta-gradient ``[P]`` (mean over tasks) without touching ``.grad``.
-        ``FloatingPointError`` if a query loss or the meta-gradient is not finite."""
+    def meta_gradient(self, batch: Union[TaskBatch, RaggedTaskBatch]) -> MetaResult:
+        """The flat meta-gradient without touching ``.grad``: ``[P + R]``, the model's ``[P]``
+        (mean over tasks) followed by the gradients of the algorithm's learned tensors (``R = 0``
+        for MAML). ``FloatingPointError`` if a query loss or the meta-gradient is not finite."""
+        if torch.compiler.is_compiling():
+            self._compiling = "meta_gradient"
+        return self._checked_meta_gradient(batch)
+
+    @torch.compiler.disable
+    def _checked_meta_gradient(self, batch) -> MetaResult:
+        self._refuse_compile()
         with annotate("meta_gradient"):
             res = self._meta_gradient(batch)
             # One host sync on the happy path (step() folds this read into its own).
-            _check_finite(res, float(_finiteness(res)))
+            check_finite(res, float(finiteness(res)))
         return res
 
-    def _meta_gradient(self, batch: TaskBatch) -> MetaResult:
+    def _meta_gradient(self, batch, reduce: bool = True) -> MetaResult:
         # Everything but the finiteness check, which needs a host read.
+        self._follow_model()
+        if isinstance(batch, RaggedTaskBatch):
+            return self._ragged_meta_gradient(batch)
         check_batch(batch, self.layout)
         self._probe(batch)
         self.evaluator(batch)
@@ -309,33 +313,85 @@ class MetaLearner:
         reduction = self._current_reduction()
         ev = self._ev
         theta = self.layout.flatten(self.model)
-        ev.reduction = reduction
+        ev.reduction = reduction if reduce else None
         try:
             return self.algorithm.meta_grad(ev, self.layout, theta, batch)
         finally:
             ev.reduction = None
 
-    def step(self, batch: TaskBatch) -> StepResult:
-        """Compute the meta-gradient on ``batch`` and write it into the parameters' ``.grad``
-        (replacing what was there). Returns the mean post-adaptation query loss (and accuracy).
+    def _ragged_meta_gradient(self, batch: RaggedTaskBatch) -> MetaResult:
+        # The mean over all T tasks of unequal sizes: each equal-shape group's task mean, weighted
+        # by its task count (the same sum over tasks, divided once by T).
+        if self._current_reduction() is not None:
+            raise ValueError("batch: a RaggedTaskBatch cannot be sharded over a process group; give each rank "
+                             "tasks of equal sizes (a TaskBatch)")
+        total, losses, accs = None, [], []
+        for g in batch.groups:
+            r = self._meta_gradient(g)
+            total = r.grad * g.num_tasks if total is None else total + r.grad * g.num_tasks
+            losses.append(r.query_loss)
+            if self.classification:
+                accs.append(accuracy(r.query_out, g.query_y))
+        return MetaResult(total / batch.num_tasks, batch.reorder(losses), None,
+                          extras={"accuracy": batch.reorder(accs)} if accs else None)
+
+    def _write_grad(self, grad: torch.Tensor) -> None:
+        # Accumulates like backward(): a regulariser's gradient already in .grad is kept.
+        P = self.layout.P
+        self.layout.write_grad(self.model, grad[:P], accumulate=True)
+        offset = P
+        for p in self._meta_params():
+            g = grad[offset: offset + p.numel()].view(p.shape).to(p.dtype)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+
+    def step(self, batch: Union[TaskBatch, RaggedTaskBatch]) -> StepResult:
+        """Compute the meta-gradient on ``batch`` and **add** it to the ``.grad`` of the model's
+        parameters (and of the algorithm's learned tensors), as ``loss.backward()`` would: call
+        ``optimizer.zero_grad()`` between steps, and a regulariser's ``backward()`` before or after
+        adds to it. Returns the mean post-adaptation query loss (and accuracy).
         ``FloatingPointError`` (before ``.grad`` is touched) if a query loss or the meta-gradient
-        is not finite."""
+        is not finite. ``batch``: a :class:`TaskBatch`, or tasks of unequal sizes from
+        :meth:`TaskBatch.from_tasks`.
+
+        Under ``torch.compile`` it raises ``RuntimeError`` saying why and what to do instead."""
+        if torch.compiler.is_compiling():
+            # Dynamo turns a raise inside traced code into a graph break and reruns it eagerly,
+            # where is_compiling() is False: the flag (a side effect Dynamo replays) carries the
+            # fact into the eager, never-traced _step, which raises for real.
+            self._compiling = "step"
+        return self._step(batch)
+
+    def _refuse_compile(self) -> None:
+        where, self._compiling = self._compiling, None
+        if where is not None:
+            raise RuntimeError(f"MetaLearner.{where}: {_COMPILE_REFUSAL}")
+
+    @torch.compiler.disable
+    def _step(self, batch) -> StepResult:
+        self._refuse_compile()
         with annotate("step"):
             with annotate("meta_gradient"):
                 res = self._meta_gradient(batch)
             # The finiteness check, the mean loss and the mean accuracy in ONE host read: on a GPU
             # each read waits for the device to drain, so separate reads cost a sync each.
-            stats = [_finiteness(res).double(), res.query_loss.mean().double()]
+            stats = [finiteness(res).double(), res.query_loss.mean().double()]
             if self.classification:
-                stats.append(accuracy(res.query_out, batch.query_y).mean().double())
+                acc = res.extras["accuracy"] if res.query_out is None else accuracy(res.query_out, batch.query_y)
+                stats.append(acc.mean().double())
             values = torch.stack(stats).tolist()
-            _check_finite(res, values[0])
-            self.layout.write_grad(self.model, res.grad)
+            check_finite(res, values[0])
+            self._write_grad(res.grad)
         return StepResult(values[1], values[2] if self.classification else None, res.query_loss)
 
     # ------------------------------------------------------------------ meta-testing
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: Optional[int] = None) -> nn.Module:
-        """A copy of the model adapted to one task's support set ``[N, ...]`` (no graph kept)."""
+        """A copy of the model adapted to one task's support set ``[N, ...]`` (no graph kept; for
+        an inner loop that meta-gradients flow through, see :mod:`fastmeta.compat`)."""
+        self._follow_model()
         with annotate("adapt"):
             if support_x.dim() < 1 or support_y.shape[:1] != support_x.shape[:1]:
                 raise ValueError(f"support_y: expected {support_x.shape[0]} labels for {support_x.shape[0]} support "
@@ -349,10 +405,16 @@ class MetaLearner:
             self.layout.load(fast, torch.cat([w[0], theta[self.layout.D:]]))
             return fast
 
-    def evaluate(self, batch: TaskBatch, steps: Optional[int] = None) -> EvalResult:
+    def evaluate(self, batch: Union[TaskBatch, RaggedTaskBatch], steps: Optional[int] = None) -> EvalResult:
         """Adapt on each task's support set (``steps`` inner steps, an int >= 1; default: the
         algorithm's), score its query set: mean ± 95% CI over tasks. ``FloatingPointError`` if a
         task's query loss is not finite."""
+        self._follow_model()
+        if isinstance(batch, RaggedTaskBatch):
+            parts = [self.evaluate(g, steps) for g in batch.groups]
+            accs = [r.per_task_accuracy for r in parts]
+            return EvalResult.from_tasks(batch.reorder([r.per_task_loss for r in parts]),
+                                         batch.reorder(accs) if accs[0] is not None else None)
         with annotate("evaluate"):
             check_batch(batch, self.layout)
             if steps is not None:

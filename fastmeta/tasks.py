@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -122,3 +122,77 @@ class TaskBatch:
         if self.hessian_x is not None:
             return self.hessian_x, self.hessian_y
         return self.support_x, self.support_y
+
+    @classmethod
+    def from_tasks(cls, tasks: Sequence[Sequence[torch.Tensor]], ways: Optional[int] = None
+                   ) -> Union["TaskBatch", "RaggedTaskBatch"]:
+        """A meta-batch from a list of per-task tuples ``(support_x [N_s, ...], support_y [N_s, ...],
+        query_x [N_q, ...], query_y [N_q, ...])`` (optionally ``+ (hessian_x, hessian_y)``).
+
+        Tasks of equal shapes stack into one :class:`TaskBatch`. Tasks of unequal sizes (ragged:
+        different shot counts, query sizes or input sizes) give a :class:`RaggedTaskBatch`: the tasks
+        grouped by shape, each group a TaskBatch, never padded (padding would enter the loss and,
+        in a BatchNorm model, the batch statistics). :class:`~fastmeta.MetaLearner` takes both and
+        averages over all tasks exactly as if they were one batch.
+        """
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("tasks: expected at least one task")
+        for i, t in enumerate(tasks):
+            if not isinstance(t, (tuple, list)) or len(t) not in (4, 6):
+                raise ValueError(f"tasks[{i}]: expected a tuple (support_x, support_y, query_x, query_y"
+                                 f"[, hessian_x, hessian_y]), got {type(t).__name__}"
+                                 + (f" of length {len(t)}" if isinstance(t, (tuple, list)) else ""))
+            if len(t) != len(tasks[0]):
+                raise ValueError(f"tasks[{i}]: has {len(t)} tensors but tasks[0] has {len(tasks[0])}")
+            for n, v in zip(_FIELDS, t):
+                if not isinstance(v, torch.Tensor) or v.dim() < 1:
+                    raise ValueError(f"tasks[{i}]: {n} must be a tensor [N, ...], got "
+                                     f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault(tuple((tuple(v.shape), v.dtype) for v in t), []).append(i)
+        batches = [cls(*(torch.stack([tasks[i][k] for i in idx]) for k in range(len(tasks[0]))), ways=ways)
+                   for idx in groups.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return RaggedTaskBatch(batches, [torch.tensor(idx) for idx in groups.values()])
+
+
+class RaggedTaskBatch:
+    """T tasks of unequal sizes, as groups of equal-shape tasks (see :meth:`TaskBatch.from_tasks`).
+
+    ``groups``: the :class:`TaskBatch` of each shape; ``index``: for each group, the positions
+    ``[T_g]`` of its tasks in the original list (per-task results come back in that order).
+    """
+
+    def __init__(self, groups: Sequence[TaskBatch], index: Sequence[torch.Tensor]):
+        if len(groups) != len(index) or not groups:
+            raise ValueError("groups: expected one index tensor per group and at least one group")
+        devices = {g.device for g in groups}
+        if len(devices) != 1:
+            raise ValueError(f"groups: all tasks must be on one device, got {sorted(map(str, devices))}")
+        self.groups, self.index = list(groups), list(index)
+        ranges = [g.label_range for g in groups if g.label_range is not None]
+        self.label_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None
+
+    @property
+    def num_tasks(self) -> int:
+        return sum(g.num_tasks for g in self.groups)
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].device
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    def to(self, *args, **kwargs) -> "RaggedTaskBatch":
+        return RaggedTaskBatch([g.to(*args, **kwargs) for g in self.groups], self.index)
+
+    def reorder(self, per_group: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-task values ``[T_g, ...]`` of each group -> ``[T, ...]`` in the original task order."""
+        out = per_group[0].new_empty((self.num_tasks, *per_group[0].shape[1:]))
+        for idx, v in zip(self.index, per_group):
+            out[idx.to(v.device)] = v
+        return out
