@@ -9,12 +9,12 @@ from .algorithms import FOMAML, MAML, Algorithm, MetaResult
 from .algorithms import HFMAML, FallahStepSize, SharpMAML
 from .evaluation import Evaluator
 from .learner import EvalResult, MetaLearner, StepResult
-from .models import Conv4, SineMLP
+from .models import Conv4, ResNet12, SineMLP
 from .params import ParamLayout
 from .tasks import TaskBatch
 
 __version__ = "0.1.0"
 
 __all__ = ["MAML", "FOMAML", "Algorithm", "MetaResult", "MetaLearner", "StepResult", "EvalResult",
-           "Evaluator", "ParamLayout", "TaskBatch", "Conv4", "SineMLP", "__version__"]
+           "Evaluator", "ParamLayout", "TaskBatch", "Conv4", "ResNet12", "SineMLP", "__version__"]
 __all__ += ["HFMAML", "SharpMAML", "FallahStepSize"]

@@ -1,5 +1,6 @@
-"""``fastmeta evaluate``: meta-test a checkpoint written by ``fastmeta train``, on the alphabets it
-held out (stored in the checkpoint) and only on the data it was trained with (unless told)."""
+"""``fastmeta evaluate``: meta-test a checkpoint written by ``fastmeta train``, on the classes it
+held out (Omniglot's alphabets, stored in the checkpoint; an image task's test split) and only on
+the data it was trained with (unless told)."""
 from __future__ import annotations
 
 import sys
@@ -13,7 +14,7 @@ def register(sub) -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--tasks", type=int, default=None, help="number of meta-test tasks, >= 1 (default: training's)")
     p.add_argument("--data-root", nargs="+",
-                   help="Omniglot data (default: the one used for training); must be the same data")
+                   help="the task's data (default: the one used for training); must be the same data")
     p.add_argument("--allow-data-mismatch", action="store_true",
                    help="evaluate even if --data-root differs from the training data (with a warning)")
     p.add_argument("--inner-steps", type=int, default=None,

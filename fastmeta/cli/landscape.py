@@ -57,7 +57,7 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 
 def _source_key(cfg: dict, ckpt: dict) -> str:
-    keys = ("task", "data_root", "test_alphabets", "ways", "shots", "queries", "rotations", "seed", "float64")
+    keys = ("task", "data_root", "test_alphabets", "ways", "shots", "queries", "rotations", "seed", "float64", "image_size")
     return json.dumps(dict({k: cfg.get(k) for k in keys}, split=ckpt.get("split")), sort_keys=True, default=str)
 
 

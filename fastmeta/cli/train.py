@@ -1,4 +1,14 @@
-"""``fastmeta train``: meta-train a model (one process, ``--nproc N`` local ranks, or torchrun)."""
+"""``fastmeta train``: meta-train a model (one process, ``--nproc N`` local ranks, or torchrun).
+
+Tasks: ``sinusoid`` (no data), ``omniglot`` and the RGB image tasks ``miniimagenet``,
+``tieredimagenet``, ``cifar-fs`` and ``fc100`` (``--data-root``: one folder in the data set's
+layout, see docs/data.md; nothing is downloaded). Each task has its defaults
+(:data:`fastmeta.training.DEFAULTS`); the image tasks default to 5-way 1-shot with 15 queries,
+``inner_lr`` 0.01 and 5 inner steps as in MAML's mini-ImageNet setting, Adam ``meta_lr`` 1e-3
+and 4 tasks per meta-batch (CPU-friendly), with ``--model conv4`` (32 filters; ``--model
+resnet12``: widths 64-160-320-640) on 84 x 84 (ImageNet-derived) or 32 x 32 (CIFAR-derived)
+images.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +16,24 @@ import argparse
 from ..algorithms.registry import add_algorithm_args
 from ..evaluation import STRATEGIES
 from ..training import DEFAULTS, train
+from ..training.config import IMAGE_TASKS, MODELS
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="meta-train a model (default: MAML on sinusoid regression)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot"])
-    p.add_argument("--data-root", nargs="+", help="Omniglot folders or zips in <Alphabet>/<character>/*.png layout")
+    p.add_argument("--task", default="sinusoid", choices=list(DEFAULTS))
+    p.add_argument("--data-root", nargs="+",
+                   help="omniglot: folders or zips in <Alphabet>/<character>/*.png layout; "
+                        f"{', '.join(IMAGE_TASKS)}: one folder in the data set's layout (docs/data.md)")
+    p.add_argument("--model", default=None, choices=MODELS,
+                   help="classifier for omniglot and the image tasks (default conv4)")
+    p.add_argument("--model-width", type=int, nargs="+", default=None, metavar="W",
+                   help="conv4: its filters (default 64 on omniglot, 32 on RGB); resnet12: its four block widths "
+                        "(default 64 160 320 640)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side images are resized to once, at load (default 28 omniglot, 84 mini-/tieredImageNet, "
+                        "32 CIFAR-FS/FC100)")
     p.add_argument("--test-alphabets", nargs="+", help="alphabets held out for meta-testing (default: a seeded quarter)")
     add_algorithm_args(p)
     p.add_argument("--adapt", default="all", choices=["all", "head"], help="'head' = ANIL")
@@ -20,8 +41,9 @@ def register(sub) -> None:
     for name, typ in (("ways", int), ("shots", int), ("queries", int), ("meta-batch", int), ("inner-lr", float),
                       ("meta-lr", float), ("steps", int), ("val-every", int), ("val-tasks", int), ("test-tasks", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="task-dependent default")
-    p.add_argument("--inner-steps", type=int, default=1)
-    p.add_argument("--no-rotations", dest="rotations", action="store_false", help="Omniglot: no 90-degree rotation classes")
+    p.add_argument("--inner-steps", type=int, default=None, help="task-dependent default (1; 5 on image tasks)")
+    p.add_argument("--no-rotations", dest="rotations", action="store_false",
+                   help="omniglot: no 90-degree rotation classes")
     p.add_argument("--float64", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="CPU speed mode: NHWC convolutions (exact)")
     p.add_argument("--bf16", action="store_true",

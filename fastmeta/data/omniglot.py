@@ -18,16 +18,34 @@ import torch
 from ..tasks import TaskBatch
 
 
-def _decode(data: bytes) -> torch.Tensor:
+class _NotOmniglot(ValueError):
+    """Data that is readable but is not Omniglot (reported as is, not as an unreadable file)."""
+
+
+# Directory names of a class-folder tree split for few-shot learning (mini-/tieredImageNet).
+_SPLIT_DIRS = frozenset({"train", "val", "valid", "validation", "test"})
+
+
+def _decode(data: bytes, where: str = "") -> torch.Tensor:
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data)).convert("L")
+    img = Image.open(io.BytesIO(data))
+    if img.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+        # Omniglot is black-and-white; a colour image means another data set (loading it as grey
+        # would train on the wrong data without a word). Grey pixels stored as RGB are accepted.
+        r, g, b = img.convert("RGB").split()
+        if not (r.tobytes() == g.tobytes() == b.tobytes()):
+            raise _NotOmniglot(f"roots: the image {where} is in colour ({img.mode}); Omniglot's are black and "
+                               f"white (an RGB data set needs its own task, e.g. --task miniimagenet)")
+    img = img.convert("L")
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, img.height, img.width)
 
 
 def _read_image(read: Callable[[], bytes], where: str) -> torch.Tensor:
     try:
-        return _decode(read())
+        return _decode(read(), where)
+    except _NotOmniglot:
+        raise
     except Exception as e:  # noqa: BLE001 - PIL and zipfile errors do not say which file was bad
         raise ValueError(f"roots: cannot read the image {where}: {type(e).__name__}: {e}") from e
 
@@ -78,9 +96,15 @@ def _merged(roots: list) -> tuple[dict[tuple[str, str], dict[str, tuple]], list[
     per_root = []
     for r in roots:
         n = total = 0
+        alphabets: set[str] = set()
         for alpha, char, fname, read, where, size in _entries(Path(r)):
             groups.setdefault((alpha, char), {}).setdefault(fname, (read, where, size))
             n, total = n + 1, total + size
+            alphabets.add(alpha)
+        if alphabets and alphabets <= _SPLIT_DIRS:
+            raise _NotOmniglot(f"roots: expected Omniglot's <Alphabet>/<character>/*.png layout in {r}, found split "
+                               f"folders {sorted(alphabets)} of class folders (a mini-ImageNet or tieredImageNet "
+                               f"tree? use --task miniimagenet or tieredimagenet)")
         per_root.append(dict(name=Path(r).name, images=n, bytes=total))
     return groups, per_root
 

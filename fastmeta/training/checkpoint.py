@@ -10,9 +10,10 @@ A checkpoint is a ``torch.save``'d dict of plain tensors and primitives (readabl
 * ``rng``: everything a resumed run needs to continue the same random streams (torch's global
   RNG, the training task sampler's generator, generators of the algorithm), and
   ``strategy_chosen``: the evaluation strategy in use (what ``"auto"`` picked);
-* ``split`` (Omniglot: the train/val/test alphabets) and ``data`` (the data's
-  :func:`fastmeta.data.omniglot.fingerprint`), so that ``fastmeta evaluate`` meta-tests on the
-  alphabets held out in training and refuses other data;
+* ``split`` (Omniglot: the train/val/test alphabets; image tasks: the class names per split) and
+  ``data`` (:func:`fastmeta.training.config.data_fingerprint`), so that ``fastmeta evaluate``
+  meta-tests on the alphabets or classes held out in training and refuses other data;
+* ``algorithm_state`` (the algorithm's learned tensors, e.g. Meta-SGD's inner rates; empty for MAML);
 * ``resumes``: one entry per resume (``step``, ``world_size`` and the config values it
   ``changed``: ``{key: [old, new]}``);
 * ``checksum``: sha256 over everything else (tensor bytes included), verified on load.

@@ -130,7 +130,7 @@ def train(cfg: dict, log: Optional[Callable[[str], None]] = None) -> dict:
     random streams, sampler position).
 
     Summary: ``train_seconds``, ``steps``, ``test_loss`` / ``test_accuracy`` (and ``_ci95``),
-    ``test_tasks``, ``strategy``, ``split`` (Omniglot alphabets), ``world_size``, ``rank``,
+    ``test_tasks``, ``strategy``, ``split`` (Omniglot alphabets; image tasks: class names per split), ``world_size``, ``rank``,
     ``comm_seconds`` / ``all_reduces`` (of the meta-gradient; 0 in one process),
     ``pre_adaptation_mse`` (sinusoid), ``final_params`` (flat ``[P]``) and ``learner``.
     """
@@ -161,12 +161,14 @@ def train(cfg: dict, log: Optional[Callable[[str], None]] = None) -> dict:
     # another one, whose floating-point results differ in the last bits.
     learner = learner_from_config(dict(cfg, strategy=chosen) if forced else cfg, model, src.loss_fn,
                                   process_group=group)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"])
+    # The algorithm's learned tensors (Meta-SGD's, MAML++'s inner rates) are meta-trained beside the model's.
+    opt = torch.optim.Adam(learner.parameters(), lr=cfg["meta_lr"])
     sampler = ShardedTaskSampler(src.train, cfg["meta_batch"], seed=cfg["seed"], process_group=group) \
         if sharded else None
     start, history, resumes = 1, [], []
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
+        learner.algorithm.load_state_dict(ckpt.get("algorithm_state", {}))
         opt.load_state_dict(ckpt["optimizer_state"])
         for g in opt.param_groups:  # the optimizer state holds the old rate; this run's rate applies
             g["lr"] = cfg["meta_lr"]
@@ -185,7 +187,7 @@ def train(cfg: dict, log: Optional[Callable[[str], None]] = None) -> dict:
     def snapshot(step: int) -> dict:
         return payload(cfg, src.model_config, model, opt, step, history, rng=_rng_state(src, learner, sharded),
                        strategy_chosen=learner.chosen_strategy or chosen, split=src.split, data=src.fingerprint,
-                       resumes=resumes)
+                       resumes=resumes, algorithm_state=learner.algorithm.state_dict())
 
     progress = bool(cfg.get("progress", True)) and rank == 0
     limit = cfg.get("time_limit")
@@ -252,7 +254,7 @@ def train(cfg: dict, log: Optional[Callable[[str], None]] = None) -> dict:
         log(f"meta-test on {test.num_tasks} unseen tasks: pre-adaptation MSE {pre:.4f}, "
             f"post-adaptation MSE ({cfg['inner_steps']} step) {test.loss:.4f} ± {test.loss_ci95:.4f}")
     else:
-        log(f"meta-test on {test.num_tasks} tasks from held-out alphabets {src.split['test']}: {test}")
+        log(f"meta-test on {test.num_tasks} tasks from {src.held_out}: {test}")
     log(f"training time {train_seconds:.1f} s for {steps_done} steps" + (
         "" if group is None else f" on {world} ranks, {summary['comm_seconds']:.2f} s in "
                                  f"{summary['all_reduces']} all-reduces (rank {rank})"))
