@@ -213,9 +213,14 @@ class MetaLearner:
         sub = batch.select(slice(0, min(4, batch.num_tasks)))
         theta = self.layout.flatten(self.model)
         candidates = candidate_strategies(self.model)
-        with no_trace(self.model):  # timing passes must not move running statistics or the RNG
+        # Timing passes must not move running statistics, the RNG or a schedule counted in meta-steps
+        # (MAML++'s multi-step-loss weights and derivative-order annealing).
+        meta_step = getattr(self.algorithm, "meta_step", None)
+        with no_trace(self.model):
             choice = time_strategies(candidates, self._new_evaluator,
                                      lambda ev: self.algorithm.meta_grad(ev, self.layout, theta, sub))
+        if meta_step is not None:
+            self.algorithm.meta_step = meta_step
         self.strategy_timings.update(choice.timings)
         if choice.strategy is None:
             raise RuntimeError(f"strategy: none of {candidates} could evaluate this model: {choice.errors}")
@@ -326,7 +331,10 @@ class MetaLearner:
             raise ValueError("batch: a RaggedTaskBatch cannot be sharded over a process group; give each rank "
                              "tasks of equal sizes (a TaskBatch)")
         total, losses, accs = None, [], []
+        meta_step = getattr(self.algorithm, "meta_step", None)  # one meta-step, however many groups
         for g in batch.groups:
+            if meta_step is not None:
+                self.algorithm.meta_step = meta_step
             r = self._meta_gradient(g)
             total = r.grad * g.num_tasks if total is None else total + r.grad * g.num_tasks
             losses.append(r.query_loss)

@@ -191,3 +191,17 @@ def test_torch_compile_on_step_is_refused_with_reason():
     with pytest.raises(RuntimeError, match="MetaLearner.meta_gradient: torch.compile"):
         torch.compile(lambda b: learner.meta_gradient(b).grad)(batch)
     learner.step(batch)  # eager use afterwards is unaffected
+
+
+# ---------------------------------------------------------------- schedules count meta-steps, not timing passes
+@pytest.mark.parametrize("ragged", [False, True])
+def test_auto_timing_and_ragged_groups_do_not_advance_maml_plus_plus_schedule(ragged):
+    model = fastmeta.SineMLP(hidden=12).double()
+    algo = fastmeta.MAMLPlusPlus(0.05, inner_steps=2, steps_per_epoch=1)
+    learner = fastmeta.MetaLearner(model, algo, loss_fn="mse", strategy="auto")
+    tasks = _ragged_tasks()
+    batch = TaskBatch.from_tasks(tasks) if ragged else TaskBatch.from_tasks([t for t in tasks if t[0].shape[0] == 3])
+    learner.step(batch)
+    assert algo.meta_step == 1
+    learner.step(batch)
+    assert algo.meta_step == 2

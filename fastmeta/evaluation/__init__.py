@@ -11,9 +11,11 @@ from .bmm import BmmPlan
 from .evaluator import Evaluator
 from .feature_cache import FeatureSplit
 from .inner_loop import inner_loop
+from .inner_optim import InnerAdam, InnerOptimizer, InnerSGD, make_inner_optimizer
 from .losses import resolve_loss
 from .modes import ChannelsLast, CompositeNorm
 from .strategy import STRATEGIES, StrategyChoice, candidate_strategies, time_strategies
 
-__all__ = ["Evaluator", "BmmPlan", "FeatureSplit", "inner_loop", "resolve_loss", "ChannelsLast", "CompositeNorm",
+__all__ = ["Evaluator", "BmmPlan", "FeatureSplit", "inner_loop", "InnerOptimizer", "InnerSGD", "InnerAdam",
+           "make_inner_optimizer", "resolve_loss", "ChannelsLast", "CompositeNorm",
            "STRATEGIES", "StrategyChoice", "candidate_strategies", "time_strategies"]
