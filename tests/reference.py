@@ -55,14 +55,15 @@ def _norm(d, names):
 
 
 def hfmaml_meta_grad(model, batch, loss_fn, inner_lr, inner_steps, adapt_names, delta=None, rho=1.0,
-                     fd_dtype=None):
+                     fd_dtype=None, record_deltas=None):
     """Fallah eqs. 4, 9-11 per task (Alg. 3), finite differences done per task.
 
     One step: g_o = grad f(w; D_o), w = theta - alpha grad f(theta; D_in);
     d = (grad f(theta + delta g_o; D_h) - grad f(theta - delta g_o; D_h)) / (2 delta), the gradient
     over ALL parameters (the shared part is the mixed term d/dphi of grad_theta f . g_o);
     meta-gradient = g_o - alpha d. delta None: Thm 4.17, delta = 1 / (6 rho alpha ||g_o||).
-    K steps: v <- v - alpha FD(w_k, v) backwards over the iterates. Mean over tasks."""
+    K steps: v <- v - alpha FD(w_k, v) backwards over the iterates. Mean over tasks.
+    ``record_deltas``: a list that receives, per task, the K deltas used (inner step order)."""
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     names = list(params)
     shared_names = [n for n in names if n not in adapt_names]
@@ -71,7 +72,7 @@ def hfmaml_meta_grad(model, batch, loss_fn, inner_lr, inner_steps, adapt_names, 
     hx = batch.hessian_x if batch.hessian_x is not None else batch.support_x
     hy = batch.hessian_y if batch.hessian_y is not None else batch.support_y
     for t in range(T):
-        iterates = []
+        iterates, used = [], []
         w = {n: p.clone().requires_grad_() for n, p in params.items()}
         for _ in range(inner_steps):
             iterates.append({n: p.detach().clone() for n, p in w.items()})
@@ -84,6 +85,7 @@ def hfmaml_meta_grad(model, batch, loss_fn, inner_lr, inner_steps, adapt_names, 
             dt = fd_dtype or va[adapt_names[0]].dtype
             vv = {n: va[n].to(dt) for n in adapt_names}
             d = delta if delta is not None else 1.0 / (6 * rho * inner_lr * float(_norm(vv, adapt_names)))
+            used.insert(0, d)
             plus = {n: (iterates[k][n].to(dt) + d * vv[n] if n in vv else iterates[k][n].to(dt)).requires_grad_()
                     for n in names}
             minus = {n: (iterates[k][n].to(dt) - d * vv[n] if n in vv else iterates[k][n].to(dt)).requires_grad_()
@@ -100,7 +102,26 @@ def hfmaml_meta_grad(model, batch, loss_fn, inner_lr, inner_steps, adapt_names, 
             total[n] += va[n] / T
         for n in shared_names:
             total[n] += acc_shared[n] / T
+        if record_deltas is not None:
+            record_deltas.append(used)
     return total
+
+
+def adapted_query_grads(model, batch, loss_fn, inner_lr, inner_steps):
+    """Per task, the query gradient g_o = grad f(w_K; D_o) over all parameters at the iterate after
+    ``inner_steps`` plain gradient steps on the support set (Fallah eq. 4 / MAML's inner loop, all
+    parameters adapted): ``[T, P]`` in named_parameters order."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
+    rows = []
+    for t in range(batch.support_x.shape[0]):
+        w = {n: p.clone().requires_grad_() for n, p in params.items()}
+        for _ in range(inner_steps):
+            g = _grads(model, w, names, batch.support_x[t], batch.support_y[t], loss_fn)
+            w = {n: (w[n] - inner_lr * g[n]).detach().requires_grad_() for n in names}
+        g = _grads(model, w, names, batch.query_x[t], batch.query_y[t], loss_fn)
+        rows.append(torch.cat([g[n].reshape(-1) for n in names]))
+    return torch.stack(rows)
 
 
 def sharp_maml_meta_grad(model, batch, loss_fn, inner_lr, inner_steps, adapt_names, alpha_low=0.0, alpha_up=0.0,

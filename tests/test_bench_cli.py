@@ -71,3 +71,58 @@ def test_profile_step_writes_trace_with_fastmeta_ranges(tmp_path):
     assert mod.main(["--workload", "sine", "--small", "--steps", "1", "--cpu", "--out", str(out)]) == 0
     trace = out.read_text()
     assert "fastmeta/inner" in trace and "fastmeta/outer" in trace
+
+
+def test_accuracy_check_runs_and_its_numbers_follow_from_its_runs(omniglot_data, monkeypatch):
+    # The speed-mode accuracy check of `fastmeta bench --full`, on a tiny budget. The oracle: the
+    # float32 run of seed 1 redone by hand (same seed, model, MAML(0.4), Adam(1e-3), task stream and
+    # test tasks, as the docstring says), and the paired differences / t-intervals recomputed from
+    # the per-seed accuracies with scipy's t quantile.
+    import math
+
+    import torch
+
+    import fastmeta
+    from fastmeta.data import OmniglotTasks, split_alphabets
+
+    suite = bench_cmd.suite()
+    suite._import_suite()
+    import workloads
+
+    monkeypatch.setattr(workloads, "omniglot_data", lambda: omniglot_data)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        steps, seeds, mb, test_tasks = 1, 2, 2, 4
+        acc = suite.accuracy_check(steps, seeds, meta_batch=mb, test_tasks=test_tasks)
+        assert set(acc["modes"]) == {"fp32", "fp32 fused", "bf16+fused"}
+        assert (acc["steps"], acc["seeds"], acc["meta_batch"], acc["test_tasks"]) == (steps, seeds, mb, test_tasks)
+
+        train, _, test = split_alphabets(omniglot_data.alphabets, n_test=max(1, len(omniglot_data.alphabets) // 4))
+        test_batch = OmniglotTasks(omniglot_data, test, ways=5, shots=1, queries=15, seed=1).sample(test_tasks)
+        torch.manual_seed(1)
+        model = fastmeta.Conv4(5)
+        learner = fastmeta.MetaLearner(model, fastmeta.MAML(0.4), strategy="loop")
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        tasks = OmniglotTasks(omniglot_data, train, ways=5, shots=1, queries=15, rotations=True, seed=1)
+        for _ in range(steps):
+            opt.zero_grad()
+            learner.step(tasks.sample(mb))
+            opt.step()
+        want = float(learner.evaluate(test_batch).accuracy)
+    finally:
+        torch.set_num_threads(n)
+    assert acc["modes"]["fp32"]["per_seed"][1] == want
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for label, v in acc["modes"].items():
+        assert len(v["per_seed"]) == seeds and all(0 <= a <= 1 for a in v["per_seed"])
+        # accuracies over 4 tasks x 75 queries are multiples of 1/300
+        assert all(abs(a * 300 - round(a * 300)) < 1e-6 for a in v["per_seed"])
+        assert v["accuracy"] == pytest.approx(sum(v["per_seed"]) / seeds, rel=1e-12)
+    assert set(acc["diffs"]) == {"fp32 fused", "bf16+fused"}
+    for label, d in acc["diffs"].items():
+        per = [a - b for a, b in zip(acc["modes"][label]["per_seed"], acc["modes"]["fp32"]["per_seed"])]
+        assert d["per_seed"] == pytest.approx(per, abs=1e-7)
+        assert d["diff"] == pytest.approx(sum(per) / seeds, abs=1e-7)
+        sd = math.sqrt(sum((x - sum(per) / seeds) ** 2 for x in per) / (seeds - 1))
+        assert d["ci95"] == pytest.approx(scipy_stats.t.ppf(0.975, seeds - 1) * sd / math.sqrt(seeds), rel=1e-3, abs=1e-7)

@@ -86,3 +86,76 @@ def test_corrupt_png_in_a_zip_names_the_zip_and_the_member(tmp_path):
     with pytest.raises(ValueError, match=r"roots: cannot read the image member 'set/Alpha/character01/01_09.png' "
                                          r"of zip .*set.zip"):
         Omniglot(z)
+
+
+# --------------------------------------------------------------------------------------------------
+# A synthetic Omniglot-layout tree whose images say which character and drawing they are: the
+# character's code sits in the top-left 7x7 block, the drawing's code in the top-right one (values
+# from disjoint ranges), the rest is background. A sampled image's corner blocks then tell its
+# character, its drawing and its rotation (where the character block ended up).
+CORNERS = {(0, 0): 0, (1, 0): 1, (1, 1): 2, (0, 1): 3}   # where rot90 (counter-clockwise) moves top-left
+
+
+def _write_coded_tree(root, alphabets=2, characters=3, drawings=6):
+    from PIL import Image
+
+    k = 0
+    for a in range(alphabets):
+        for c in range(characters):
+            d = root / f"Alpha{a}" / f"character{c + 1:02d}"
+            d.mkdir(parents=True)
+            for j in range(drawings):
+                ink = torch.zeros(28, 28)
+                ink[:7, :7] = (k + 1) / 32                      # character code, < 0.5
+                ink[:7, -7:] = 0.5 + (j + 1) / 32               # drawing code, > 0.5
+                # PNG stores black strokes on white; the loader inverts (strokes = 1)
+                g = ((1 - ink) * 255).round().to(torch.uint8).numpy()
+                Image.fromarray(g, mode="L").save(d / f"{k:02d}_{j:02d}.png")
+            k += 1
+    return k
+
+
+def _decode(img):
+    """(character index, drawing index, rotation k of rot90) from a sampled ``[1, 28, 28]`` image."""
+    char = draw = rot = None
+    for (r, c), k in CORNERS.items():
+        v = float(img[0, 3 + 21 * r, 3 + 21 * c])
+        if 0 < v < 0.5:
+            char, rot = round(v * 32) - 1, k
+        elif v > 0.5:
+            draw = round((v - 0.5) * 32) - 1
+    assert char is not None and draw is not None, "every image carries both codes"
+    return char, draw, rot
+
+
+@pytest.mark.parametrize("rotations", [False, True])
+def test_every_sampled_image_belongs_to_its_labels_class(tmp_path, rotations):
+    n_chars = _write_coded_tree(tmp_path)
+    data = Omniglot(tmp_path)
+    # the loader keeps the codes: image i of class c decodes to (c, i, unrotated)
+    assert [_decode(data.images[c][i]) for c in range(n_chars) for i in range(6)] == \
+        [(c, i, 0) for c in range(n_chars) for i in range(6)]
+    ways, shots, queries = 4, 2, 3
+    tasks = OmniglotTasks(data, data.alphabets, ways=ways, shots=shots, queries=queries, rotations=rotations, seed=5)
+    b = tasks.sample(12)
+    seen_classes = set()
+    for t in range(12):
+        sup = [_decode(x) for x in b.support_x[t]]
+        qry = [_decode(x) for x in b.query_x[t]]
+        cls_of_label = {}
+        for (char, draw, rot), lab in zip(sup + qry, b.support_y[t].tolist() + b.query_y[t].tolist()):
+            cls_of_label.setdefault(lab, set()).add((char, rot))
+        # every label is one class (character and rotation) across support and query ...
+        assert sorted(cls_of_label) == list(range(ways))
+        assert all(len(v) == 1 for v in cls_of_label.values()), (t, cls_of_label)
+        classes = [next(iter(v)) for v in cls_of_label.values()]
+        assert len(set(classes)) == ways                            # ... and the labels are different classes
+        seen_classes.update(classes)
+        for lab in range(ways):
+            ds = [d for (_, d, _), y in zip(sup, b.support_y[t].tolist()) if y == lab]
+            dq = [d for (_, d, _), y in zip(qry, b.query_y[t].tolist()) if y == lab]
+            assert len(ds) == shots and len(dq) == queries
+            assert len(set(ds + dq)) == shots + queries             # distinct drawings, none shared
+    # all characters (and, with rotations, all four orientations) are drawn over 12 tasks
+    assert {c for c, _ in seen_classes} == set(range(n_chars))
+    assert {r for _, r in seen_classes} == ({0, 1, 2, 3} if rotations else {0})

@@ -186,7 +186,14 @@ def test_time_limit_stops_all_ranks_at_the_same_step(tmp_path):
 FAIL_TIMEOUT = 6.0  # s: the process-group timeout under test
 
 
-def _failing_worker(rank, world, mode):
+def _failing_worker(rank, world, mode, marks):
+    """Rank 1 dies (``die``) or stalls (``stall``) before step 3's all-reduce. Events are recorded as
+    marker files in ``marks``, so the test checks their order, not seconds: the dying rank marks
+    before exiting; the stalled rank stays stalled until rank 0 has marked its failure (or a cap far
+    beyond the timeout), so rank 0's failure cannot have come from the stall ending."""
+    import pathlib
+
+    marks = pathlib.Path(marks)
     learner = _learner("maml")
     sampler = _sampler(4)
     # Warm up outside any collective (first-call costs must not count against the timeout).
@@ -195,31 +202,43 @@ def _failing_worker(rank, world, mode):
     for step in range(1, 6):
         if rank == 1 and step == 3:
             if mode == "die":
+                (marks / "rank1-dying").touch()
                 os._exit(7)
-            time.sleep(FAIL_TIMEOUT + 5)  # stall past the peer's timeout, then leave quietly
-            return ("stalled",)
-        t0 = time.monotonic()
+            (marks / "rank1-stalled").touch()
+            cap = time.monotonic() + HARD_LIMIT / 2   # a safety cap only; never asserted
+            while not (marks / "rank0-failed").exists() and time.monotonic() < cap:
+                time.sleep(0.05)
+            held = (marks / "rank0-failed").exists()
+            (marks / "rank1-resumed").touch()
+            return ("stalled", held)
         try:
             learner.meta_gradient(sampler.sample(step))
         except fd.RankFailure as e:
-            return ("failed", step, time.monotonic() - t0, str(e))
+            before = sorted(p.name for p in marks.iterdir())   # what had happened when rank 0 failed
+            (marks / "rank0-failed").touch()
+            cause = f"{type(e.__cause__).__name__}: {e.__cause__}"
+            return ("failed", step, before, str(e), cause)
     return ("finished",)
 
 
 @pytest.mark.parametrize("mode", ["die", "stall"])
-def test_dead_or_stalled_rank_fails_the_others_within_the_timeout(mode):
-    res = fd.launch(_failing_worker, 2, (mode,), timeout=HARD_LIMIT, pg_timeout=FAIL_TIMEOUT,
+def test_dead_or_stalled_rank_fails_the_others_within_the_timeout(mode, tmp_path):
+    res = fd.launch(_failing_worker, 2, (mode, str(tmp_path)), timeout=HARD_LIMIT, pg_timeout=FAIL_TIMEOUT,
                     start_method=START, threads=1, raise_on_error=False)
     assert res[0][0] == "ok", res[0]
     outcome = res[0][1]
     assert outcome[0] == "failed" and outcome[1] == 3, outcome
-    assert "rank 0 of 2" in outcome[3] and "timeout" in outcome[3], outcome[3]
-    assert outcome[2] < FAIL_TIMEOUT + 10, outcome
+    assert "rank 0 of 2" in outcome[3], outcome[3]
     if mode == "die":
         assert res[1] == ("missing", 7)
+        # rank 0 failed after rank 1 was gone (the death caused it), not at some other point
+        assert outcome[2] == ["rank1-dying"], outcome
     else:
-        assert outcome[2] > 0.8 * FAIL_TIMEOUT, outcome  # it was the timeout that ended the wait
-        assert res[1] == ("ok", ("stalled",))
+        # rank 0 failed while rank 1 was still stalled: only the process-group timeout can end that
+        # wait, and gloo says so in the underlying error
+        assert outcome[2] == ["rank1-stalled"], outcome
+        assert "timed out" in outcome[4].lower() or "timeout" in outcome[4].lower(), outcome[4]
+        assert res[1] == ("ok", ("stalled", True))
 
 
 def test_launch_reports_a_failing_rank():
@@ -334,3 +353,50 @@ def test_distributed_imports_no_training_learner_or_cli():
                 continue
             bad = [n for n in names if n.startswith(forbidden)]
             assert not bad, f"{path.name} imports {bad}"
+
+
+_TORCHRUN_RANK = """
+import json, sys
+import torch
+import torch.distributed as dist
+from fastmeta import training
+cfg = json.loads(sys.argv[1])
+s = training.train(cfg, log=lambda *a, **k: None)
+torch.save(dict(params=s["final_params"], rank=s["rank"], world=s["world_size"], backend=dist.get_backend(),
+                all_reduces=s["all_reduces"]), sys.argv[2])
+"""
+
+
+def test_torchrun_environment_initializes_env_process_group(tmp_path):
+    # What torchrun does: start the ranks with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+    # MASTER_PORT set. train() must then initialize the default group from them (env://, gloo on
+    # CPU), shard the meta-batch over the 2 ranks and end where the 1-process sharded run ends.
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(steps=3, nproc=None, strategy="loop")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, "-c", _TORCHRUN_RANK, json.dumps(cfg), str(tmp_path / f"r{rank}.pt")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=HARD_LIMIT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
+    assert [(g["rank"], g["world"], g["backend"]) for g in got] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    assert got[0]["all_reduces"] >= 3                            # one gradient all-reduce per step at least
+    assert torch.equal(got[0]["params"], got[1]["params"])
+    one = _quiet_train(_cfg(steps=3, strategy="loop"))        # nproc=1: the same sharded task stream
+    assert rel_err(got[0]["params"], one) < TRAIN_TOL
+    assert rel_err(one, _quiet_train(_cfg(steps=0, strategy="loop"))) > 1e-3   # guard: training moved it

@@ -8,7 +8,8 @@ from fastmeta.evaluation import Evaluator
 from fastmeta.params import ParamLayout
 from fastmeta.tasks import TaskBatch
 
-from reference import conv_case, flat, hfmaml_meta_grad, maml_meta_grad, mlp_case, rel_err, run
+from reference import (adapted_query_grads, conv_case, flat, hfmaml_meta_grad, maml_meta_grad, mlp_case, rel_err,
+                       run)
 
 
 @pytest.mark.parametrize("case", [mlp_case, conv_case], ids=["mlp", "conv4_bn"])
@@ -28,15 +29,40 @@ def test_delta_rule_theorem_4_17():
     model, batch, loss_fn, lr = mlp_case()
     algo = fastmeta.HFMAML(lr, rho=3.0)
     res, layout = run(algo, model, batch, loss_fn)
-    # delta_i = 1 / (6 rho alpha ||g_o,i||), g_o,i the query gradient at the adapted parameters.
-    layout_all = ParamLayout(model)
-    ev = Evaluator(model, layout_all, loss_fn, "loop")
-    w = fastmeta.MAML(lr).adapt(ev, layout_all, layout_all.flatten(model), batch.support_x, batch.support_y)
-    _, g_o = ev.grads(w, layout_all.flatten(model)[layout_all.D:], batch.query_x, batch.query_y)
+    # Fallah Thm 4.17: delta_i = 1 / (6 rho alpha ||g_o,i||), g_o,i the query gradient at the adapted
+    # parameters w_i = theta - alpha grad f_i(theta; D_in), from the plain per-task loop.
+    g_o = adapted_query_grads(model, batch, loss_fn, lr, 1)
     want = 1.0 / (6 * 3.0 * lr * g_o.norm(dim=1))
+    assert rel_err(want, want.mean().expand(3)) > 1e-2       # guard: the tasks' deltas differ
     assert rel_err(res.extras["delta"][:, 0], want) < 1e-12
+    # guard: the query gradient at theta (no adaptation) gives other deltas
+    at_theta = 1.0 / (6 * 3.0 * lr * adapted_query_grads(model, batch, loss_fn, lr, 0).norm(dim=1))
+    assert rel_err(at_theta, want) > 1e-3
     zero = algo.deltas(torch.zeros(2, 5, dtype=torch.float64))
     assert torch.equal(zero, torch.ones(2, dtype=torch.float64))  # guarded: no inf / nan
+
+
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_delta_rule_for_several_inner_steps(adapt):
+    # K inner steps: the factor (I - alpha H(w_k)) is applied backwards, v_K = g_o at w_K,
+    # v_k = v_{k+1} - alpha FD(w_k, v_{k+1}); the rule sets delta_k = 1 / (6 rho alpha ||v_{k+1}||)
+    # (adapted part of v). Column k of extras["delta"] is step k's delta.
+    model, batch, loss_fn, lr = mlp_case()
+    K, rho = 3, 2.0
+    res, layout = run(fastmeta.HFMAML(lr, K, rho=rho), model, batch, loss_fn, adapt)
+    rec = []
+    want_grad = flat(hfmaml_meta_grad(model, batch, loss_fn, lr, K, layout.adapted, rho=rho, record_deltas=rec),
+                     layout)
+    want = torch.tensor(rec, dtype=torch.float64)
+    assert res.extras["delta"].shape == (3, K)
+    assert rel_err(res.extras["delta"], want) < 1e-10
+    assert rel_err(res.grad, want_grad) < 1e-9
+    # guards: the columns differ (each step has its own vector), so a reused delta would fail
+    assert rel_err(want[:, 0], want[:, K - 1]) > 1e-3
+    if adapt == "all":
+        # the last step's delta depends on the final iterate's query gradient only
+        g_o = adapted_query_grads(model, batch, loss_fn, lr, K)
+        assert rel_err(res.extras["delta"][:, K - 1], 1.0 / (6 * rho * lr * g_o.norm(dim=1))) < 1e-12
 
 
 def test_hessian_batch_is_used():

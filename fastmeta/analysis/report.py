@@ -18,10 +18,11 @@ def _plt():
     return plt
 
 
-def plot_1d(curves: dict[str, dict[str, Landscape]], path, title: str = "") -> Path:
+def plot_1d(curves: dict[str, dict[str, Landscape]], path, title: str = "", return_figure: bool = False):
     """One panel per objective (``"post-adaptation"``, ``"plain"``), one curve per checkpoint label.
 
-    ``curves[label][objective] -> Landscape`` (1-D). Returns the written path.
+    ``curves[label][objective] -> Landscape`` (1-D). Returns the written path, or ``(path, figure)``
+    with ``return_figure`` (the closed Figure, whose artists hold the plotted arrays: for tests).
     """
     plt = _plt()
     objectives = sorted({o for per in curves.values() for o in per}, key=lambda o: o != "post-adaptation")
@@ -43,11 +44,13 @@ def plot_1d(curves: dict[str, dict[str, Landscape]], path, title: str = "") -> P
     path = Path(path)
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return path
+    return (path, fig) if return_figure else path
 
 
-def plot_2d(per_objective: dict[str, Landscape], path, title: str = "", levels: int = 20) -> Path:
-    """Contour plot(s) of 2-D landscapes of one checkpoint, one panel per objective."""
+def plot_2d(per_objective: dict[str, Landscape], path, title: str = "", levels: int = 20,
+            return_figure: bool = False):
+    """Contour plot(s) of 2-D landscapes of one checkpoint, one panel per objective (x: d1, y: d2).
+    Returns the written path, or ``(path, figure)`` with ``return_figure``."""
     plt = _plt()
     import numpy as np
 
@@ -71,7 +74,7 @@ def plot_2d(per_objective: dict[str, Landscape], path, title: str = "", levels: 
     path = Path(path)
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return path
+    return (path, fig) if return_figure else path
 
 
 def _fmt(x: Optional[float], pct: bool = False, ci: Optional[float] = None) -> str:

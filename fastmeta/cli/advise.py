@@ -116,7 +116,8 @@ def _run_linreg(args, out: Path) -> dict:
     print(f"plot: {path}")
     return dict(task="linreg", eigenvalues=lam, alpha_c=sb.alpha_c, acc_exact_away_from_band=acc_exact,
                 cells_away=int(away.sum()), acc_paper=acc_paper, exact_over_paper_min=float(dev.min()),
-                exact_over_paper_max=float(dev.max()), converged_above_alpha_c=above_ok)
+                exact_over_paper_max=float(dev.max()), converged_above_alpha_c=above_ok,
+                map_alphas=alphas.tolist(), map_betas=betas.tolist(), map_diverged=m.diverged.tolist())
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -174,13 +175,14 @@ def _run_model(args, out: Path) -> dict:
     t_est = time.perf_counter() - t_est
     a_rec, b_rec = sb.recommended
     bc_rec = float(sb.beta_c(a_rec))
+    bc_lower = float(sb.beta_c_lower(a_rec))
     print(f"task {args.task}: {type(model).__name__} with D = {D} adapted parameters, meta-batch {T}, {k_shot} support samples/task")
     print(f"alpha* = {a_star:.4g}   [{how}]" + (f"; with query features (H.6): {a_star_split:.4g}" if a_star_split else ""))
     print(f"alpha* heuristic range (H.18-H.25, N={T}, K={k_shot}, d={D}): [{a_lo:.3g}, {a_hi:.3g}]")
     print(f"alpha_c = 1/lambda_max = {sb.alpha_c:.4g}   (lambda_max {sb.lambda_max:.4g} over {T} tasks, 2LR eq. 11/23; "
           f"{sb.lanczos_iterations} batched Lanczos steps, {t_est:.1f} s)")
     print(f"beta_c(alpha) at the recommended alpha {a_rec:.4g}: {bc_rec:.4g}   (2LR eqs. 18-19/26; lower bound over the "
-          f"whole spectrum {sb.beta_c_lower(a_rec):.4g})")
+          f"whole spectrum {bc_lower:.4g})")
     print(f"recommended: alpha = {args.alpha_margin:g} * alpha_c = {a_rec:.4g}, beta = {args.beta_margin:g} * beta_c = {b_rec:.4g} "
           f"(SGD meta-optimizer, mean over tasks)")
 
@@ -217,6 +219,7 @@ def _run_model(args, out: Path) -> dict:
     return dict(task=args.task, D=D, meta_batch=T, k_shot=k_shot, alpha_star=a_star, alpha_star_split=a_star_split,
                 alpha_star_how=how, alpha_range=[a_lo, a_hi], alpha_c=sb.alpha_c, lambda_max=sb.lambda_max,
                 eigenvalues=sb.eigenvalues.tolist(), recommended_alpha=a_rec, recommended_beta=b_rec, beta_c_at_rec=bc_rec,
+                beta_c_lower_at_rec=bc_lower,
                 measured_beta_boundary=[lo, hi], measured_over_predicted=mid / bc_rec, probes=probes, iters=iters,
                 map_alphas=alphas.tolist(), map_betas=betas.tolist(), map_loss=np.where(np.isfinite(abm.loss), abm.loss, -1).tolist(),
                 map_diverged=abm.diverged.tolist(), sweep_alphas=sweep_alphas.tolist(),

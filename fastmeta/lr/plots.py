@@ -25,12 +25,13 @@ def _edges(v: np.ndarray) -> np.ndarray:
 
 def plot_stability_map(path, alphas, betas, loss, diverged, eigenvalues, alpha_c: float, title: str,
                        recommended: Optional[tuple] = None, boundary: Optional[tuple] = None,
-                       extra_alphas: Sequence[tuple] = (), show_exact: bool = True):
+                       extra_alphas: Sequence[tuple] = (), show_exact: bool = True, return_figure: bool = False):
     """2LR Fig. 3/4: final training loss over the (alpha, beta) grid (log color), diverged cells
     in grey with an x, the theoretical alpha_c (dashed) and beta_c(alpha) curves (paper eqs. 18/26
     solid, exact quadratic case dotted) overlaid; the recommended pair (star) and a measured
     divergence interval of beta (vertical bar) if given. ``extra_alphas``: ``(value, label)``
-    vertical markers (e.g. alpha*)."""
+    vertical markers (e.g. alpha*). Returns ``path``, or ``(path, figure)`` with ``return_figure``
+    (the closed matplotlib Figure, whose artists hold the plotted arrays: for tests)."""
     plt = _plt()
     alphas, betas = np.asarray(alphas, float), np.asarray(betas, float)
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=90)
@@ -67,13 +68,15 @@ def plot_stability_map(path, alphas, betas, loss, diverged, eigenvalues, alpha_c
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return path
+    return (path, fig) if return_figure else path
 
 
 def plot_alpha_sweep(path, alphas, post, pre, alpha_star: Optional[float], alpha_range: Optional[tuple],
-                     alpha_c: Optional[float], title: str, ylabel: str = "held-out query loss"):
+                     alpha_c: Optional[float], title: str, ylabel: str = "held-out query loss",
+                     return_figure: bool = False):
     """Zou Fig. 2 / Table 2 style: loss after one adaptation step (and before) versus alpha, with
-    alpha* (eq. 3.3), the heuristic range (H.18-H.25, shaded) and alpha_c marked."""
+    alpha* (eq. 3.3), the heuristic range (H.18-H.25, shaded) and alpha_c marked. Returns ``path``, or
+    ``(path, figure)`` with ``return_figure``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
     ax.plot(alphas, post, "o-", label="post-adaptation (1 step)")
@@ -99,4 +102,4 @@ def plot_alpha_sweep(path, alphas, post, pre, alpha_star: Optional[float], alpha
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return path
+    return (path, fig) if return_figure else path
