@@ -55,6 +55,27 @@ def test_single_process_resume_equals_an_unbroken_run(tmp_path, capsys):
     assert not torch.equal(first["model_state"]["body.0.weight"], unbroken["model_state"]["body.0.weight"])
 
 
+@pytest.mark.parametrize("algo", [["--algo", "metasgd"], ["--algo", "mamlpp", "--inner-steps", "2", "--steps-per-epoch", "3",
+                                   "--msl-epochs", "2", "--first-order-epochs", "1"]])
+def test_learned_inner_rates_and_schedules_resume_bit_for_bit(tmp_path, algo):
+    # Meta-SGD's rates and MAML++'s rates and meta-step counter live in the algorithm: they are
+    # checkpointed (algorithm_state), meta-trained by the same optimizer, and restored on resume.
+    broken, whole = tmp_path / "broken.pt", tmp_path / "whole.pt"
+    first = _train(broken, 5, *algo)
+    resumed = _train(broken, 10, *algo, "--resume")
+    unbroken = _train(whole, 10, *algo)
+    _assert_same_run(resumed, unbroken, end_of_first_run=5)
+    ra, ru, r0 = resumed["algorithm_state"], unbroken["algorithm_state"], first["algorithm_state"]
+    assert ra.keys() == ru.keys() and len(ra) >= 1
+    for k in ra:
+        assert torch.equal(torch.as_tensor(ra[k]), torch.as_tensor(ru[k])), k
+    rates = "alpha" if "alpha" in ra else "rates"
+    # Guard: the rates are really learned (they moved between step 5 and step 10).
+    assert not torch.equal(r0[rates], ru[rates])
+    if "meta_step" in ra:
+        assert ra["meta_step"] == 10
+
+
 def test_resume_from_a_validation_checkpoint_continues_the_stream(tmp_path, monkeypatch):
     # Stop a 10-step run after its step-6 checkpoint (a fault in step 7), then resume it to 10.
     broken, whole = tmp_path / "broken.pt", tmp_path / "whole.pt"
