@@ -168,7 +168,7 @@ def _traced_backend(device_type: str) -> str:
     return name
 
 
-def _check(x, weight, bias, negative_slope, pool) -> None:
+def _check(x, weight, bias, eps, negative_slope, pool) -> None:
     # What the C++ kernels check (same messages, RuntimeError), here so every backend rejects the same.
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"x: expected a [N, C, H, W] tensor, got {tuple(x.shape) if isinstance(x, Tensor) else x!r}")
@@ -178,6 +178,9 @@ def _check(x, weight, bias, negative_slope, pool) -> None:
         raise ValueError(f"negative_slope: expected a finite float >= 0 (0: ReLU), got {negative_slope!r}")
     if not isinstance(pool, bool):
         raise ValueError(f"pool: expected a bool, got {pool!r}")
+    # ATen's batch norm raises for eps <= 0 in training mode: the cpp backend must reject it too.
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
     if x.dtype not in _DTYPE_NAMES:
         raise RuntimeError(f"bn_relu_pool: x must be float32, float64 or bfloat16, got {x.dtype}")
     n, c, h, w = x.shape
@@ -227,11 +230,11 @@ def bn_relu_pool(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tens
         for running statistics).
 
     Raises:
-        ValueError: ``x`` is not a 4-d tensor, ``negative_slope`` is not a finite number >= 0, or
-        ``pool`` is not a bool. RuntimeError: a dtype, ``[C]`` shape or device that
+        ValueError: ``x`` is not a 4-d tensor, ``eps`` is not a finite number > 0,
+        ``negative_slope`` is not a finite number >= 0, or ``pool`` is not a bool. RuntimeError: a dtype, ``[C]`` shape or device that
         does not fit (the message names the argument), or a single value per channel.
     """
-    _check(x, weight, bias, negative_slope, pool)
+    _check(x, weight, bias, eps, negative_slope, pool)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     if torch.compiler.is_compiling():
