@@ -16,14 +16,15 @@ at::Tensor fd_hvp_combine_cpu(const at::Tensor& g_o, const at::Tensor& g_plus, c
 void swp_mask_cpu(at::Tensor& out, double keep_prob, int64_t seed, bool rescale);
 at::Tensor sds_select_cpu(const at::Tensor& loss_clean, const at::Tensor& loss_perturbed, int64_t k);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps);
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    double negative_slope, bool pool);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& idx);
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& idx, double negative_slope, bool pool);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
     const std::optional<at::Tensor>& ggx, const std::optional<at::Tensor>& ggw, const std::optional<at::Tensor>& ggb,
     const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& idx);
+    const at::Tensor& invstd, const at::Tensor& idx, double negative_slope, bool pool);
 }  // namespace fastmeta::cpu
 
 TORCH_LIBRARY(fastmeta, m) {
@@ -33,11 +34,13 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def("fd_hvp_combine(Tensor g_o, Tensor g_plus, Tensor g_minus, Tensor delta, float inner_lr, bool mean) -> Tensor");
   m.def("swp_mask(Tensor(a!) out, float keep_prob, int seed, bool rescale) -> ()");
   m.def("sds_select(Tensor loss_clean, Tensor loss_perturbed, int k) -> Tensor");
-  m.def("bn_relu_pool(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("bn_relu_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor idx)"
-        " -> (Tensor, Tensor, Tensor)");
+  // negative_slope: the LeakyReLU slope (0: ReLU); pool: 2x2 max-pool after the activation or none.
+  m.def("bn_relu_pool(Tensor x, Tensor? weight, Tensor? bias, float eps, float negative_slope=0.0, bool pool=True)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_relu_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor idx,"
+        " float negative_slope=0.0, bool pool=True) -> (Tensor, Tensor, Tensor)");
   m.def("bn_relu_pool_double_backward(Tensor? ggx, Tensor? ggw, Tensor? ggb, Tensor grad_out, Tensor x, Tensor? weight,"
-        " Tensor mean, Tensor invstd, Tensor idx) -> (Tensor, Tensor, Tensor)");
+        " Tensor mean, Tensor invstd, Tensor idx, float negative_slope=0.0, bool pool=True) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {

@@ -1,7 +1,7 @@
 // fastmeta::bn_relu_pool, bn_relu_pool_backward and bn_relu_pool_double_backward, CPU: the tail of a
 // conv block,
-//     out = max_pool2d(relu(batch_norm(x, batch statistics, weight, bias, eps)), 2, 2),
-// fused (vec/block_kernels.h). Forward and backward work on the [H, W] planes in memory order (the
+//     out = max_pool2d(leaky_relu(batch_norm(x, batch statistics, weight, bias, eps), slope), 2, 2)
+// (slope 0: relu), or the same without the pool (pool = false), fused (vec/block_kernels.h). Forward and backward work on the [H, W] planes in memory order (the
 // per-channel sums as per-thread partials); the double backward, which only MAML's few support
 // images reach, works channel by channel.
 //
@@ -51,58 +51,88 @@ void check_x(const at::Tensor& x) {
               "fastmeta::bn_relu_pool: batch statistics need more than one value per channel, got x ", x.sizes());
 }
 
-void check_pooled(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType dtype, const char* op) {
-  const int64_t n = x.size(0), c = x.size(1), ho = x.size(2) / 2, wo = x.size(3) / 2;
+void check_activation(double slope, const char* op) {
+  // slope >= 0 keeps the activation non-decreasing: the pooled maximum is then the activation of the
+  // maximum, which is what the window index records.
+  TORCH_CHECK(std::isfinite(slope) && slope >= 0.0, "fastmeta::", op,
+              ": negative_slope must be a finite float >= 0, got ", slope);
+}
+
+// The output's (and idx's) shape: [N, C, H/2, W/2] with the pool, x's without.
+void check_pooled(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType dtype, const char* op,
+                  bool pool) {
+  const int64_t n = x.size(0), c = x.size(1), ho = pool ? x.size(2) / 2 : x.size(2), wo = pool ? x.size(3) / 2 : x.size(3);
   TORCH_CHECK(t.sizes() == at::IntArrayRef({n, c, ho, wo}) && t.scalar_type() == dtype, "fastmeta::", op, ": ", name,
               " must be [", n, ", ", c, ", ", ho, ", ", wo, "] of dtype ", dtype, ", got ", t.sizes(), " ",
               t.scalar_type());
 }
 
-// The plane kernels for storage type S: vec::block_kernels<S> for float/double, the bf16 table
-// (raw uint16 bits, float32 compute) for c10::BFloat16.
+// The kernels for storage type S: vec::block_kernels<S> for float/double, the bf16 table (raw
+// uint16 bits, float32 compute) for c10::BFloat16.
 template <typename S>
 struct Planes {
   using A = acc_type<S>;
   static constexpr bool kBf16 = !std::is_same_v<S, A>;
-  static const uint16_t* raw(const S* p) { return reinterpret_cast<const uint16_t*>(p); }
-  static uint16_t* raw(S* p) { return reinterpret_cast<uint16_t*>(p); }
+  // The kernel's storage pointer type: S itself, or bf16's raw uint16 bits.
+  using R = std::conditional_t<kBf16, uint16_t, S>;
+  static const R* raw(const S* p) { return reinterpret_cast<const R*>(p); }
+  static R* raw(S* p) { return reinterpret_cast<R*>(p); }
+  static const auto& k() {
+    if constexpr (kBf16) return vec::block_kernels_bf16();
+    else return vec::block_kernels<A>();
+  }
 
-  static void stats(const S* x, int64_t n, A shift, double* s1, double* s2) {
-    if constexpr (kBf16) vec::block_kernels_bf16().stats(raw(x), n, shift, s1, s2);
-    else vec::block_kernels<A>().stats(x, n, shift, s1, s2);
+  static void stats(const S* x, int64_t n, A shift, double* s1, double* s2) { k().stats(raw(x), n, shift, s1, s2); }
+  static void fwd(const S* x, int64_t h, int64_t w, A scale, A shift, A slope, S* out, uint8_t* idx) {
+    k().fwd_plane(raw(x), h, w, scale, shift, slope, raw(out), idx);
   }
-  static void fwd(const S* x, int64_t h, int64_t w, A scale, A shift, S* out, uint8_t* idx) {
-    if constexpr (kBf16) vec::block_kernels_bf16().fwd_plane(raw(x), h, w, scale, shift, raw(out), idx);
-    else vec::block_kernels<A>().fwd_plane(x, h, w, scale, shift, out, idx);
-  }
-  static void sums(const S* x, int64_t h, int64_t w, const S* g, const uint8_t* idx, A mean, double* sdz,
+  static void sums(const S* x, int64_t h, int64_t w, const S* g, const uint8_t* idx, A mean, A slope, double* sdz,
                    double* sdzx) {
-    if constexpr (kBf16) vec::block_kernels_bf16().bwd_sums(raw(x), h, w, raw(g), idx, mean, sdz, sdzx);
-    else vec::block_kernels<A>().bwd_sums(x, h, w, g, idx, mean, sdz, sdzx);
+    k().bwd_sums(raw(x), h, w, raw(g), idx, mean, slope, sdz, sdzx);
   }
-  static void dx(const S* x, int64_t h, int64_t w, const S* g, const uint8_t* idx, A mean, A c1, A c0, A kg, S* dx) {
-    if constexpr (kBf16) vec::block_kernels_bf16().dx_plane(raw(x), h, w, raw(g), idx, mean, c1, c0, kg, raw(dx));
-    else vec::block_kernels<A>().dx_plane(x, h, w, g, idx, mean, c1, c0, kg, dx);
+  static void dx(const S* x, int64_t h, int64_t w, const S* g, const uint8_t* idx, A mean, A c1, A c0, A kg, A slope,
+                 S* dx) {
+    k().dx_plane(raw(x), h, w, raw(g), idx, mean, c1, c0, kg, slope, raw(dx));
   }
   // channels_last: one image per call, per-channel constant arrays
   static void stats_nhwc(const S* x, int64_t positions, int64_t c, const A* shift, double* s1, double* s2) {
-    if constexpr (kBf16) vec::block_kernels_bf16().stats_nhwc(raw(x), positions, c, shift, s1, s2);
-    else vec::block_kernels<A>().stats_nhwc(x, positions, c, shift, s1, s2);
+    k().stats_nhwc(raw(x), positions, c, shift, s1, s2);
   }
-  static void fwd_nhwc(const S* x, int64_t h, int64_t w, int64_t c, const A* scale, const A* shift, S* out,
+  static void fwd_nhwc(const S* x, int64_t h, int64_t w, int64_t c, const A* scale, const A* shift, A slope, S* out,
                        uint8_t* idx) {
-    if constexpr (kBf16) vec::block_kernels_bf16().fwd_nhwc(raw(x), h, w, c, scale, shift, raw(out), idx);
-    else vec::block_kernels<A>().fwd_nhwc(x, h, w, c, scale, shift, out, idx);
+    k().fwd_nhwc(raw(x), h, w, c, scale, shift, slope, raw(out), idx);
   }
   static void sums_nhwc(const S* x, int64_t h, int64_t w, int64_t c, const S* g, const uint8_t* idx, const A* mean,
-                        double* sdz, double* sdzx) {
-    if constexpr (kBf16) vec::block_kernels_bf16().bwd_sums_nhwc(raw(x), h, w, c, raw(g), idx, mean, sdz, sdzx);
-    else vec::block_kernels<A>().bwd_sums_nhwc(x, h, w, c, g, idx, mean, sdz, sdzx);
+                        A slope, double* sdz, double* sdzx) {
+    k().bwd_sums_nhwc(raw(x), h, w, c, raw(g), idx, mean, slope, sdz, sdzx);
   }
   static void dx_nhwc(const S* x, int64_t h, int64_t w, int64_t c, const S* g, const uint8_t* idx, const A* mean,
-                      const A* c1, const A* c0, const A* kg, S* dx) {
-    if constexpr (kBf16) vec::block_kernels_bf16().dx_nhwc(raw(x), h, w, c, raw(g), idx, mean, c1, c0, kg, raw(dx));
-    else vec::block_kernels<A>().dx_nhwc(x, h, w, c, g, idx, mean, c1, c0, kg, dx);
+                      const A* c1, const A* c0, const A* kg, A slope, S* dx) {
+    k().dx_nhwc(raw(x), h, w, c, raw(g), idx, mean, c1, c0, kg, slope, raw(dx));
+  }
+  // no pool: n elements of one channel, or one channels_last image of positions x c
+  static void fwd_flat(const S* x, int64_t n, A scale, A shift, A slope, S* out, uint8_t* idx) {
+    k().fwd_flat(raw(x), n, scale, shift, slope, raw(out), idx);
+  }
+  static void sums_flat(const S* x, int64_t n, const S* g, const uint8_t* idx, A mean, A slope, double* sdz,
+                        double* sdzx) {
+    k().bwd_sums_flat(raw(x), n, raw(g), idx, mean, slope, sdz, sdzx);
+  }
+  static void dx_flat(const S* x, int64_t n, const S* g, const uint8_t* idx, A mean, A c1, A c0, A kg, A slope,
+                      S* dx) {
+    k().dx_flat(raw(x), n, raw(g), idx, mean, c1, c0, kg, slope, raw(dx));
+  }
+  static void fwd_flat_nhwc(const S* x, int64_t positions, int64_t c, const A* scale, const A* shift, A slope, S* out,
+                            uint8_t* idx) {
+    k().fwd_flat_nhwc(raw(x), positions, c, scale, shift, slope, raw(out), idx);
+  }
+  static void sums_flat_nhwc(const S* x, int64_t positions, int64_t c, const S* g, const uint8_t* idx, const A* mean,
+                             A slope, double* sdz, double* sdzx) {
+    k().bwd_sums_flat_nhwc(raw(x), positions, c, raw(g), idx, mean, slope, sdz, sdzx);
+  }
+  static void dx_flat_nhwc(const S* x, int64_t positions, int64_t c, const S* g, const uint8_t* idx, const A* mean,
+                           const A* c1, const A* c0, const A* kg, A slope, S* dx) {
+    k().dx_flat_nhwc(raw(x), positions, c, raw(g), idx, mean, c1, c0, kg, slope, raw(dx));
   }
 };
 
@@ -149,12 +179,14 @@ std::vector<double> channel_sums(const at::Tensor& x, bool nhwc, F fn) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    double negative_slope, bool pool) {
   check_x(x);
   check_channel_param(weight, "weight", x);
   check_channel_param(bias, "bias", x);
+  check_activation(negative_slope, "bn_relu_pool");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t ho = h / 2, wo = w / 2, hw = h * w, howo = ho * wo;
+  const int64_t ho = pool ? h / 2 : h, wo = pool ? w / 2 : w, hw = h * w, howo = ho * wo;
   const bool nhwc = is_nhwc(x);
   const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({n, c, ho, wo}, x.options().memory_format(layout));
@@ -198,13 +230,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
     }
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     uint8_t* ip = idx.mutable_data_ptr<uint8_t>();
+    const acc_t slope = static_cast<acc_t>(negative_slope);
     for_items(x, nhwc, [&](int64_t i) {
-      if (nhwc)
-        K::fwd_nhwc(xp + i * hw * c, h, w, c, scale.data(), shift.data(), op + i * howo * c, ip + i * howo * c);
+      if (!pool && nhwc)
+        K::fwd_flat_nhwc(xp + i * hw * c, hw, c, scale.data(), shift.data(), slope, op + i * hw * c, ip + i * hw * c);
+      else if (!pool)
+        K::fwd_flat(xp + i * hw, hw, scale[i % c], shift[i % c], slope, op + i * hw, ip + i * hw);
+      else if (nhwc)
+        K::fwd_nhwc(xp + i * hw * c, h, w, c, scale.data(), shift.data(), slope, op + i * howo * c, ip + i * howo * c);
       else
-        K::fwd(xp + i * hw, h, w, scale[i % c], shift[i % c], op + i * howo, ip + i * howo);
+        K::fwd(xp + i * hw, h, w, scale[i % c], shift[i % c], slope, op + i * howo, ip + i * howo);
     });
-    if (nhwc) {
+    // Without the pool, non-finite statistics propagate as NaN element by element (as in ATen).
+    if (pool && nhwc) {
       // The NCHW plane kernel NaN-fills a channel whose statistics are not finite (as ATen's
       // output is then); the NHWC kernel does not test per element, so it is done here.
       for (int64_t ch = 0; ch < c; ++ch) {
@@ -221,13 +259,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& idx_in) {
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& idx_in, double negative_slope, bool pool) {
   check_x(x);
   check_channel_param(weight, "weight", x);
+  check_activation(negative_slope, "bn_relu_pool_backward");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t ho = h / 2, wo = w / 2, hw = h * w, howo = ho * wo;
-  check_pooled(grad_out_in, "grad_out", x, x.scalar_type(), "bn_relu_pool_backward");
-  check_pooled(idx_in, "idx", x, at::kByte, "bn_relu_pool_backward");
+  const int64_t ho = pool ? h / 2 : h, wo = pool ? w / 2 : w, hw = h * w, howo = ho * wo;
+  check_pooled(grad_out_in, "grad_out", x, x.scalar_type(), "bn_relu_pool_backward", pool);
+  check_pooled(idx_in, "idx", x, at::kByte, "bn_relu_pool_backward", pool);
   TORCH_CHECK(mean.numel() == c && invstd.numel() == c, "fastmeta::bn_relu_pool_backward: mean and invstd must be [C]");
   const bool nhwc = is_nhwc(x);
   const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -249,12 +288,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     std::vector<acc_t> mean_t(c);
     for (int64_t ch = 0; ch < c; ++ch) mean_t[ch] = static_cast<acc_t>(mp[ch]);
+    const acc_t slope = static_cast<acc_t>(negative_slope);
     const std::vector<double> sums = channel_sums(x, nhwc, [&](int64_t i, double* sdz, double* sdzx) {
-      if (nhwc) {
-        K::sums_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(), sdz, sdzx);
+      if (!pool && nhwc) {
+        K::sums_flat_nhwc(xp + i * hw * c, hw, c, gp + i * hw * c, ip + i * hw * c, mean_t.data(), slope, sdz, sdzx);
+      } else if (!pool) {
+        const int64_t ch = i % c;
+        K::sums_flat(xp + i * hw, hw, gp + i * hw, ip + i * hw, mean_t[ch], slope, sdz + ch, sdzx + ch);
+      } else if (nhwc) {
+        K::sums_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(), slope, sdz, sdzx);
       } else {
         const int64_t ch = i % c;
-        K::sums(xp + i * hw, h, w, gp + i * howo, ip + i * howo, mean_t[ch], sdz + ch, sdzx + ch);
+        K::sums(xp + i * hw, h, w, gp + i * howo, ip + i * howo, mean_t[ch], slope, sdz + ch, sdzx + ch);
       }
     });
     const double count = static_cast<double>(n * hw);
@@ -273,12 +318,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     }
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     for_items(x, nhwc, [&](int64_t i) {
-      if (nhwc) {
+      if (!pool && nhwc) {
+        K::dx_flat_nhwc(xp + i * hw * c, hw, c, gp + i * hw * c, ip + i * hw * c, mean_t.data(), c1.data(), c0.data(),
+                        kg.data(), slope, dxp + i * hw * c);
+      } else if (!pool) {
+        const int64_t ch = i % c;
+        K::dx_flat(xp + i * hw, hw, gp + i * hw, ip + i * hw, mean_t[ch], c1[ch], c0[ch], kg[ch], slope, dxp + i * hw);
+      } else if (nhwc) {
         K::dx_nhwc(xp + i * hw * c, h, w, c, gp + i * howo * c, ip + i * howo * c, mean_t.data(), c1.data(), c0.data(),
-                   kg.data(), dxp + i * hw * c);
+                   kg.data(), slope, dxp + i * hw * c);
       } else {
         const int64_t ch = i % c;
-        K::dx(xp + i * hw, h, w, gp + i * howo, ip + i * howo, mean_t[ch], c1[ch], c0[ch], kg[ch], dxp + i * hw);
+        K::dx(xp + i * hw, h, w, gp + i * howo, ip + i * howo, mean_t[ch], c1[ch], c0[ch], kg[ch], slope,
+              dxp + i * hw);
       }
     });
   });
@@ -289,13 +341,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
     const std::optional<at::Tensor>& ggx_in, const std::optional<at::Tensor>& ggw_in,
     const std::optional<at::Tensor>& ggb_in, const at::Tensor& grad_out_in, const at::Tensor& x_in,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& idx_in) {
+    const at::Tensor& idx_in, double negative_slope, bool pool) {
   check_x(x_in);
   check_channel_param(weight, "weight", x_in);
   check_channel_param(ggw_in, "ggw", x_in);
   check_channel_param(ggb_in, "ggb", x_in);
-  check_pooled(grad_out_in, "grad_out", x_in, x_in.scalar_type(), "bn_relu_pool_double_backward");
-  check_pooled(idx_in, "idx", x_in, at::kByte, "bn_relu_pool_double_backward");
+  check_activation(negative_slope, "bn_relu_pool_double_backward");
+  check_pooled(grad_out_in, "grad_out", x_in, x_in.scalar_type(), "bn_relu_pool_double_backward", pool);
+  check_pooled(idx_in, "idx", x_in, at::kByte, "bn_relu_pool_double_backward", pool);
   const int64_t c = x_in.size(1);
   TORCH_CHECK(mean.numel() == c && invstd.numel() == c,
               "fastmeta::bn_relu_pool_double_backward: mean and invstd must be [C]");
@@ -313,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
   const at::Tensor ggw = ggw_in.has_value() ? ggw_in->to(at::kDouble).contiguous() : at::Tensor();
   const at::Tensor ggb = ggb_in.has_value() ? ggb_in->to(at::kDouble).contiguous() : at::Tensor();
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
-  const int64_t ho = h / 2, wo = w / 2;
+  const int64_t ho = pool ? h / 2 : h, wo = pool ? w / 2 : w;
   at::Tensor g_grad_out = at::empty_like(g);
   at::Tensor g_x = at::empty_like(x);
   at::Tensor g_w = at::empty({c}, x.options());
@@ -339,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
         double g_gamma = 0.0;
         k.bwd2(ap ? ap + ch * h * w : nullptr, gwp ? gwp[ch] : 0.0, gbp ? gbp[ch] : 0.0, gp + ch * ho * wo,
                ip + ch * ho * wo, c * ho * wo, xp + ch * h * w, n, c * h * w, h, w, wp ? wp[ch] : scalar_t(1), mp[ch],
-               sp[ch], ggop + ch * ho * wo, gxp + ch * h * w, &g_gamma);
+               sp[ch], negative_slope, pool, ggop + ch * ho * wo, gxp + ch * h * w, &g_gamma);
         gwo[ch] = static_cast<scalar_t>(g_gamma);
       }
     });

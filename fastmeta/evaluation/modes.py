@@ -81,7 +81,9 @@ def with_speed_modes(forward):
     stay float32 (float32 master weights); outputs are cast back to float32 so losses and the
     meta-gradient sums are float32. ``channels_last``: see :class:`ChannelsLast` (loop strategy;
     under vmap convolutions become grouped convolutions whose layout vmap chooses). ``fused`` needs
-    no mode: the evaluator runs a fused copy of the model (:func:`fastmeta.nn.fuse_conv_blocks`).
+    no mode: the evaluator runs a fused copy of the model (:func:`fastmeta.nn.fuse_conv_blocks`)
+    through ``functional_call`` with the model's parameter names; its chains fall back to the
+    original modules under ``vmap`` (and so under :class:`CompositeNorm`), fused in the loop strategy.
     """
     @functools.wraps(forward)
     def wrapped(self, rows, shared, x):

@@ -57,8 +57,9 @@ def sds_select(loss_clean: Tensor, loss_perturbed: Tensor, k: int) -> Tensor:
 
 
 @register("bn_relu_pool", BACKEND)
-def bn_relu_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def bn_relu_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, negative_slope: float,
+                 pool: bool) -> tuple[Tensor, Tensor, Tensor]:
     # The native op itself carries the autograd formulas (registered by native_ops()); with grad
     # off its Autograd kernel redispatches straight to the C++ kernel.
-    out, _idx, mean, invstd = _bn_relu_pool_ops().bn_relu_pool(x, weight, bias, eps)
+    out, _idx, mean, invstd = _bn_relu_pool_ops().bn_relu_pool(x, weight, bias, eps, negative_slope, pool)
     return out, mean, invstd

@@ -95,14 +95,19 @@ def sds_select(loss_clean: Tensor, loss_perturbed: Tensor, k: int) -> Tensor:
 
 
 @register("bn_relu_pool", BACKEND)
-def bn_relu_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``max_pool2d(relu(batch_norm(x, batch statistics)), 2)``: the ATen composition the cpp kernels fuse.
+def bn_relu_pool(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, negative_slope: float = 0.0,
+                 pool: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``max_pool2d(leaky_relu(batch_norm(x, batch statistics), negative_slope), 2)`` (no pool when
+    ``pool`` is False; ``relu`` for slope 0): the ATen composition the cpp kernels fuse.
 
     ``out`` is differentiable twice through ATen's own formulas (and, like them, not a third time);
     ``mean`` and ``invstd = 1 / sqrt(biased var + eps)`` per channel ``[C]`` are computed aside, in
     the parameter dtype (float32 for bfloat16 ``x``), and are not differentiable.
     """
-    out = F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)), 2)
+    z = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    out = F.relu(z) if negative_slope == 0 else F.leaky_relu(z, negative_slope)
+    if pool:
+        out = F.max_pool2d(out, 2)
     with torch.no_grad():
         xs = x.float() if x.dtype == torch.bfloat16 else x
         var, mean = torch.var_mean(xs, dim=(0, 2, 3), correction=0)

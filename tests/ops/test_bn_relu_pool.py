@@ -1,7 +1,9 @@
-"""``bn_relu_pool``: the fused conv-block tail ``max_pool2d(relu(batch_norm(x)), 2)`` (cpp backend).
+"""``bn_relu_pool``: the fused conv-block tail ``max_pool2d(leaky_relu(batch_norm(x), slope), 2)`` (cpp
+backend), with slope 0 (ReLU) or 0.1 (ResNet-12's LeakyReLU), with or without the pool.
 
 The ground truth is ATen's composition (``fastmeta.ops.reference.bn_relu_pool``): batch norm with
-batch statistics (Ioffe & Szegedy 2015, Alg. 1), ReLU, 2x2 max-pool (first maximum wins ties).
+batch statistics (Ioffe & Szegedy 2015, Alg. 1), ReLU/LeakyReLU, 2x2 max-pool (first maximum wins
+ties). Hand-computed values check both backends.
 Forward, backward and double backward are compared with it on many shapes (odd H and W, rows
 narrower than one vector register, one image, ties), float32/float64/bfloat16, on every CPU
 instruction set; the three native ops pass ``torch.library.opcheck``; the dispatch table says why
@@ -30,9 +32,15 @@ def cpp():
         yield
 
 
-def bn_relu_pool_reference(x, weight, bias, eps):
+def bn_relu_pool_reference(x, weight, bias, eps, negative_slope=0.0, pool=True):
     """The ATen composition's output (what the kernels fuse)."""
-    return reference.bn_relu_pool(x, weight, bias, eps)[0]
+    return reference.bn_relu_pool(x, weight, bias, eps, negative_slope, pool)[0]
+
+
+# (negative_slope, pool): Conv-4's block tail, ResNet-12's block end, its inner layers, ReLU unpooled.
+ACTS = [(0.0, True), (0.1, True), (0.1, False), (0.0, False)]
+ACT_IDS = ["relu-pool", "leaky-pool", "leaky", "relu"]
+acts = pytest.mark.parametrize("slope,pool", ACTS, ids=ACT_IDS)
 
 
 # (N, C, H, W): Conv-4's four blocks (14, 7, 3, 1 windows per row: wider than the 8-float
@@ -42,7 +50,7 @@ SHAPES = [(5, 8, 28, 28), (5, 8, 14, 14), (5, 8, 7, 7), (5, 8, 3, 3), (3, 5, 9, 
           (2, 3, 20, 17), (1, 3, 34, 33), (1, 2, 2, 2), (2, 1, 2, 2)]
 
 
-def make(shape, dtype, seed=0, ties=True, affine=True):
+def make(shape, dtype, seed=0, ties=True, affine=True, pool=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
     if ties and shape[2] >= 4:
@@ -50,7 +58,8 @@ def make(shape, dtype, seed=0, ties=True, affine=True):
     c = shape[1]
     w = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
     b = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
-    go = torch.randn(shape[0], c, shape[2] // 2, shape[3] // 2, generator=g, dtype=torch.float64)
+    out_hw = (shape[2] // 2, shape[3] // 2) if pool else shape[2:]
+    go = torch.randn(shape[0], c, *out_hw, generator=g, dtype=torch.float64)
     cast = (lambda t: None if t is None else t.to(dtype))
     return cast(x), cast(w), cast(b), cast(go)
 
@@ -71,10 +80,11 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("affine", [True, False])
-def test_forward_and_backward_match_aten(shape, dtype, affine, isa, cpp):
-    x, w, b, go = make(shape, dtype, affine=affine)
-    out, got = grads(lambda *a: bn_relu_pool(*a)[0], x, w, b, go)
-    ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5), x, w, b, go)
+@acts
+def test_forward_and_backward_match_aten(shape, dtype, affine, slope, pool, isa, cpp):
+    x, w, b, go = make(shape, dtype, affine=affine, pool=pool)
+    out, got = grads(lambda *a: bn_relu_pool(*a, 1e-5, slope, pool)[0], x, w, b, go)
+    ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5, slope, pool), x, w, b, go)
     assert out.shape == ref.shape and out.dtype == dtype
     torch.testing.assert_close(out, ref, **TOL[dtype])
     for g, r in zip(got, want):
@@ -104,13 +114,15 @@ def test_statistics_match_the_reference_and_are_constants(shape, dtype, channels
 
 
 @pytest.mark.parametrize("shape", [(5, 8, 28, 28), (5, 8, 14, 14), (3, 5, 9, 11), (5, 8, 3, 3)])
-def test_bf16_is_the_float32_computation_rounded(shape, isa, cpp):
+@acts
+def test_bf16_is_the_float32_computation_rounded(shape, slope, pool, isa, cpp):
     # bf16 x (CPU autocast's conv output) with float32 parameters: computed in float32 from the
     # widened input, outputs and dx rounded to bf16, mean/invstd/dweight/dbias float32.
-    x, w, b, go = make(shape, torch.float32, ties=False)
+    x, w, b, go = make(shape, torch.float32, ties=False, pool=pool)
     xb, gob = x.bfloat16(), go.bfloat16()
-    out, (dx, dw, db) = grads(lambda *a: bn_relu_pool(*a)[0], xb, w, b, gob)
-    ref, (rdx, rdw, rdb) = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5), xb.float(), w, b, gob.float())
+    out, (dx, dw, db) = grads(lambda *a: bn_relu_pool(*a, 1e-5, slope, pool)[0], xb, w, b, gob)
+    ref, (rdx, rdw, rdb) = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5, slope, pool), xb.float(), w, b,
+                                 gob.float())
     assert out.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
     torch.testing.assert_close(out, ref.bfloat16(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(dx.float(), rdx, rtol=1e-2, atol=1e-2 * rdx.abs().max().item())
@@ -118,22 +130,24 @@ def test_bf16_is_the_float32_computation_rounded(shape, isa, cpp):
     torch.testing.assert_close(db, rdb, rtol=1e-4, atol=1e-3)
     # rounding exactly as torch's: the output is the float32 result rounded once
     with torch.no_grad():
-        f32 = bn_relu_pool(xb.float(), w, b)[0]
+        f32 = bn_relu_pool(xb.float(), w, b, 1e-5, slope, pool)[0]
     assert torch.equal(out, f32.bfloat16())
 
 
 @pytest.mark.parametrize("shape", [(5, 8, 28, 28), (3, 5, 9, 11), (4, 2, 5, 4), (2, 3, 7, 7), (2, 2, 3, 3)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_double_backward_matches_aten(shape, affine, isa, cpp):
+@acts
+def test_double_backward_matches_aten(shape, affine, slope, pool, isa, cpp):
     # The derivative of the backward (what second-order MAML differentiates): gradients of
     # <a, dx> + <a_w, dweight> + <a_b, dbias> w.r.t. grad_out, x and weight.
-    x0, w0, b0, go0 = make(shape, torch.float64, affine=affine)
+    x0, w0, b0, go0 = make(shape, torch.float64, affine=affine, pool=pool)
     g = torch.Generator().manual_seed(1)
     ax = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     aw = torch.randn(shape[1], generator=g, dtype=torch.float64)
     ab = torch.randn(shape[1], generator=g, dtype=torch.float64)
     results = []
-    for fn in (lambda *a: bn_relu_pool(*a)[0], lambda *a: bn_relu_pool_reference(*a, 1e-5)):
+    for fn in (lambda *a: bn_relu_pool(*a, 1e-5, slope, pool)[0],
+               lambda *a: bn_relu_pool_reference(*a, 1e-5, slope, pool)):
         x, go = x0.clone().requires_grad_(), go0.clone().requires_grad_()
         params = [t.clone().requires_grad_() for t in (w0, b0) if t is not None]
         w, b = (params + [None, None])[:2]
@@ -147,16 +161,19 @@ def test_double_backward_matches_aten(shape, affine, isa, cpp):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradgradcheck_and_third_order(channels_last, cpp):
-    x, w, b, _ = make((3, 2, 4, 6), torch.float64, ties=False)
+@acts
+def test_gradgradcheck_and_third_order(channels_last, slope, pool, cpp):
+    x, w, b, go = make((3, 2, 4, 6), torch.float64, ties=False, pool=pool)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     args = [t.requires_grad_() for t in (x, w, b)]
-    fn = (lambda *a: bn_relu_pool(*a)[0])
+    fn = (lambda *a: bn_relu_pool(*a, 1e-5, slope, pool)[0])
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
+    if (slope, pool) != (0.0, True):
+        return
     # no third order, like ATen's batch norm: a clear error, not a silently wrong value
-    go = torch.randn(3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    go = go.requires_grad_()
     dx, = torch.autograd.grad(fn(*args), args[0], go, create_graph=True)
     ddx, = torch.autograd.grad(dx.square().sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match=r"bn_relu_pool does not support 3rd\+ order"):
@@ -196,13 +213,14 @@ def test_no_graph_without_grad(cpp):
 
 @pytest.mark.parametrize("shape", [(5, 16, 28, 28), (3, 12, 9, 11), (2, 3, 7, 7), (4, 9, 6, 5), (2, 8, 2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_channels_last_matches_aten(shape, dtype, isa, cpp):
+@acts
+def test_channels_last_matches_aten(shape, dtype, slope, pool, isa, cpp):
     # NHWC kernels: lanes over channels (16, 12 = one register + a scalar tail, 3 < one register,
     # 9), odd H/W; outputs and dx stay channels_last.
-    x, w, b, go = make(shape, dtype)
+    x, w, b, go = make(shape, dtype, pool=pool)
     xc, goc = x.contiguous(memory_format=torch.channels_last), go.contiguous(memory_format=torch.channels_last)
-    out, got = grads(lambda *a: bn_relu_pool(*a)[0], xc, w, b, goc)
-    ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5), x, w, b, go)
+    out, got = grads(lambda *a: bn_relu_pool(*a, 1e-5, slope, pool)[0], xc, w, b, goc)
+    ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5, slope, pool), x, w, b, go)
     cl = torch.channels_last
     assert out.is_contiguous(memory_format=cl) and got[0].is_contiguous(memory_format=cl)
     torch.testing.assert_close(out, ref, **TOL[dtype])
@@ -220,25 +238,53 @@ def test_channels_last_bf16_and_nan(cpp):
     assert out[:, 3].isnan().all() and not out[:, [0, 1, 2]].isnan().any()
 
 
-def test_non_contiguous_inputs(cpp):
-    x, w, b, go = make((4, 6, 10, 12), torch.float64)
+@acts
+def test_non_contiguous_inputs(slope, pool, cpp):
+    x, w, b, go = make((4, 6, 10, 12), torch.float64, pool=pool)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, not NCHW-contiguous
     got_t = go.transpose(0, 1).contiguous().transpose(0, 1)
     assert not xt.is_contiguous() and not got_t.is_contiguous()
-    out, got = grads(lambda *a: bn_relu_pool(*a)[0], xt, w, b, got_t)
-    ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5), x, w, b, go)
+    out, got = grads(lambda *a: bn_relu_pool(*a, 1e-5, slope, pool)[0], xt, w, b, got_t)
+    ref, want = grads(lambda *a: bn_relu_pool_reference(*a, 1e-5, slope, pool), x, w, b, go)
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for g_, r in zip(got, want):
         torch.testing.assert_close(g_, r, **TOL[torch.float64])
 
 
-def test_nan_propagates_like_aten(cpp):
+@acts
+def test_nan_propagates_like_aten(slope, pool, cpp):
     x, w, b, _ = make((2, 3, 6, 6), torch.float32)
     x[1, 1, 2, 3] = float("nan")
-    out = bn_relu_pool(x, w, b)[0]
-    ref = bn_relu_pool_reference(x, w, b, 1e-5)
+    out = bn_relu_pool(x, w, b, 1e-5, slope, pool)[0]
+    ref = bn_relu_pool_reference(x, w, b, 1e-5, slope, pool)
     assert torch.equal(out.isnan(), ref.isnan()) and out[:, 1].isnan().all()
     torch.testing.assert_close(out[:, [0, 2]], ref[:, [0, 2]])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_known_values(backend, slope):
+    # One channel x = [[1, 2], [3, 4]], eps = 1e-300 (0 to double precision): mean 2.5, var 1.25, xhat = [-3, -1, 1, 3] / sqrt(5).
+    # Bias -2 makes every z negative: z = xhat - 2, the window's maximum z = 3 / sqrt(5) - 2 at (1, 1).
+    if backend == "cpp" and not _extension.available():
+        pytest.skip(f"native extension unavailable: {_extension.reason()}")
+    r5 = 5.0 ** 0.5
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64, requires_grad=True)
+    w, b = torch.ones(1, dtype=torch.float64), torch.full((1,), -2.0, dtype=torch.float64)
+    xhat = torch.tensor([-3.0, -1.0, 1.0, 3.0], dtype=torch.float64) / r5
+    with ops.use_backend(backend):
+        pooled, mean, invstd = bn_relu_pool(x, w, b, 1e-300, slope, True)
+        flat = bn_relu_pool(x, None, None, 1e-300, slope, False)[0]
+    assert mean.item() == 2.5 and abs(invstd.item() - 2 / r5) < 1e-15
+    torch.testing.assert_close(pooled.flatten(), torch.tensor([slope * (3 / r5 - 2)], dtype=torch.float64),
+                               rtol=1e-14, atol=1e-15)
+    # no pool, no affine: leaky(xhat)
+    torch.testing.assert_close(flat.flatten(), torch.where(xhat > 0, xhat, slope * xhat), rtol=1e-14, atol=1e-15)
+    # d out / dx: dz = [0, 0, 0, slope] (the window's maximum, negative), through the batch norm's
+    # backward gamma * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)) = slope * [2, -1, -4, 3] / (5 sqrt 5).
+    dx, = torch.autograd.grad(pooled.sum(), x)
+    want = slope * torch.tensor([2.0, -1.0, -4.0, 3.0], dtype=torch.float64) * 2 / (10 * r5)
+    torch.testing.assert_close(dx.flatten(), want, rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
@@ -260,6 +306,14 @@ def test_bad_inputs_name_the_argument(backend):
             bn_relu_pool(torch.randn(1, 3, 1, 1), None, None)
         with pytest.raises(RuntimeError, match="weight is on meta but x is on cpu"):
             bn_relu_pool(x, w.to("meta"), b)
+        for slope in (float("nan"), float("inf"), -0.1, "0.1", True, None):
+            with pytest.raises(ValueError, match="negative_slope: expected a finite float >= 0"):
+                bn_relu_pool(x, w, b, 1e-5, slope)
+        for eps in (0.0, -1e-5, float("nan")):  # ATen's batch norm rejects eps <= 0 in training mode
+            with pytest.raises(ValueError, match="eps: expected a finite float > 0"):
+                bn_relu_pool(x, w, b, eps)
+        with pytest.raises(ValueError, match="pool: expected a bool"):
+            bn_relu_pool(x, w, b, 1e-5, 0.1, 1)
 
 
 @needs_extension
@@ -275,9 +329,16 @@ def test_native_ops_check_their_inputs():
         native.bn_relu_pool(x.half(), None, None, 1e-5)
     with pytest.raises(RuntimeError, match="more than one value per channel"):
         native.bn_relu_pool(torch.randn(1, 3, 1, 1), None, None, 1e-5)
+    for slope in (float("nan"), float("inf"), -0.1):
+        with pytest.raises(RuntimeError, match="negative_slope must be a finite float >= 0"):
+            native.bn_relu_pool(x, w, b, 1e-5, slope, True)
+    out, idx, mean, invstd = native.bn_relu_pool(x, w, b, 1e-5)
     with pytest.raises(RuntimeError, match="grad_out must be"):
-        out, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
-        torch.ops.fastmeta.bn_relu_pool_backward(out[:1], x, w, mean, invstd, idx)
+        native.bn_relu_pool_backward(out[:1], x, w, mean, invstd, idx)
+    with pytest.raises(RuntimeError, match="grad_out must be \\[2, 3, 6, 6\\]"):  # pooled shape, pool=False
+        native.bn_relu_pool_backward(out, x, w, mean, invstd, idx, 0.1, False)
+    with pytest.raises(RuntimeError, match="negative_slope must be a finite float >= 0"):
+        native.bn_relu_pool_backward(out, x, w, mean, invstd, idx, -1.0, True)
 
 
 # ------------------------------------------------------------------------------ op registration
@@ -285,19 +346,22 @@ def test_native_ops_check_their_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
-def test_opcheck(dtype, channels_last, affine):
+@acts
+def test_opcheck(dtype, channels_last, affine, slope, pool):
     # Schema, autograd registration, fake kernels (sizes and strides, NHWC included) and AOT dispatch
     # with dynamic shapes, for the three native ops.
     native = native_ops()
-    x, w, b, go = make((3, 4, 6, 7), dtype, ties=False, affine=affine)
+    x, w, b, go = make((3, 4, 6, 7), dtype, ties=False, affine=affine, pool=pool)
     if channels_last:
         x, go = x.contiguous(memory_format=torch.channels_last), go.contiguous(memory_format=torch.channels_last)
     leaf = (lambda t: None if t is None else t.clone().requires_grad_())
-    torch.library.opcheck(native.bn_relu_pool.default, (leaf(x), leaf(w), leaf(b), 1e-5))
-    out, idx, mean, invstd = native.bn_relu_pool(x, w, b, 1e-5)
-    torch.library.opcheck(native.bn_relu_pool_backward.default, (leaf(go), leaf(x), leaf(w), mean, invstd, idx))
+    torch.library.opcheck(native.bn_relu_pool.default, (leaf(x), leaf(w), leaf(b), 1e-5, slope, pool))
+    out, idx, mean, invstd = native.bn_relu_pool(x, w, b, 1e-5, slope, pool)
+    assert out.shape == go.shape
+    torch.library.opcheck(native.bn_relu_pool_backward.default,
+                          (leaf(go), leaf(x), leaf(w), mean, invstd, idx, slope, pool))
     ggx, ggw, ggb = torch.randn_like(x), torch.randn(4, dtype=dtype), torch.randn(4, dtype=dtype)
-    double_args = (ggx, ggw if affine else None, ggb if affine else None, go, x, w, mean, invstd, idx)
+    double_args = (ggx, ggw if affine else None, ggb if affine else None, go, x, w, mean, invstd, idx, slope, pool)
     # With inputs that require grad, test_aot_dispatch_dynamic would differentiate the double
     # backward (a third derivative, which raises by design): it runs on constant inputs instead.
     torch.library.opcheck(native.bn_relu_pool_double_backward.default,

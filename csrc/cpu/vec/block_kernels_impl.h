@@ -177,7 +177,7 @@ void stats_t(const S* x, int64_t n, T shift, double* s1, double* s2) {
 // a right or lower element only when strictly greater), then relu (index 4: the maximum is <= 0,
 // so no element of the window gets gradient).
 template <typename Ln, typename T, typename S>
-inline void row_fwd(const S* r0, const S* r1, int64_t wo, T scale, T shift, S* o, uint8_t* k) {
+inline void row_fwd(const S* r0, const S* r1, int64_t wo, T scale, T shift, T slope, S* o, uint8_t* k) {
   using V = typename Ln::v;
   using M = typename Ln::m;
   constexpr int L = Ln::L;
@@ -194,8 +194,8 @@ inline void row_fwd(const S* r0, const S* r1, int64_t wo, T scale, T shift, S* o
     V best = down ? u : t;
     M kk = down ? ku : kt;
     const M pos = best > T(0);
-    best = pos ? best : V{};
-    kk = pos ? kk : M{} + 4;
+    best = pos ? best : best * slope + T(0);  // + 0: slope 0 gives +0, as relu does
+    kk = pos ? kk : kk + 4;
     store_s<Ln>(o + j, best);
     store_v(k + j, __builtin_convertvector(kk, typename Ln::b));
   }
@@ -204,7 +204,7 @@ inline void row_fwd(const S* r0, const S* r1, int64_t wo, T scale, T shift, S* o
 // Rows narrower than one register. Written without data-dependent branches (about half the
 // windows are all <= 0, which makes a branch a coin flip): selects and 0/1 weights only.
 template <typename T, typename S>
-inline void row_fwd_scalar(const S* r0, const S* r1, int64_t wo, T scale, T shift, S* o, uint8_t* k) {
+inline void row_fwd_scalar(const S* r0, const S* r1, int64_t wo, T scale, T shift, T slope, S* o, uint8_t* k) {
   for (int64_t j = 0; j < wo; ++j) {
     const T a = to_acc(r0[2 * j]) * scale + shift, b = to_acc(r0[2 * j + 1]) * scale + shift;
     const T c = to_acc(r1[2 * j]) * scale + shift, d = to_acc(r1[2 * j + 1]) * scale + shift;
@@ -214,40 +214,41 @@ inline void row_fwd_scalar(const S* r0, const S* r1, int64_t wo, T scale, T shif
     const T best = down ? u : t;
     const int kk = down ? 2 + right_low : right;
     const int pos = best > T(0);
-    from_acc(pos ? best : T(0), o + j);
-    k[j] = static_cast<uint8_t>(pos ? kk : 4);
+    from_acc(pos ? best : best * slope + T(0), o + j);
+    k[j] = static_cast<uint8_t>(pos ? kk : kk + 4);
   }
 }
 
 // Backward, pass 1: adds sum dz and sum dz * (x - mean) over the row's routed elements (one per
 // window at most; the routed x is selected from the window's four elements) to sg, sgx.
 template <typename Ln, typename T, typename S>
-inline void row_sums(const S* r0, const S* r1, const S* g, const uint8_t* k, int64_t wo, T mean, typename Ln::v& vg,
-                     typename Ln::v& vgx) {
+inline void row_sums(const S* r0, const S* r1, const S* g, const uint8_t* k, int64_t wo, T mean, T slope,
+                     typename Ln::v& vg, typename Ln::v& vgx) {
   using V = typename Ln::v;
   using M = typename Ln::m;
   constexpr int L = Ln::L;
   for (int64_t gs = 0; gs < wo; gs += L) {
     const int64_t j = std::min(gs, wo - L);
-    const M kk = (Ln::iota() >= static_cast<int32_t>(gs - j)) ? load_idx<Ln>(k + j) : M{} + 4;
+    const M fresh = Ln::iota() >= static_cast<int32_t>(gs - j);  // lanes not done by the previous group
+    const M kk = load_idx<Ln>(k + j);
     const V a0 = load_s<Ln>(r0 + 2 * j), a1 = load_s<Ln>(r0 + 2 * j + L);
     const V c0 = load_s<Ln>(r1 + 2 * j), c1 = load_s<Ln>(r1 + 2 * j + L);
     const V top = (kk & 1) ? Ln::odds(a0, a1) : Ln::evens(a0, a1);
     const V bot = (kk & 1) ? Ln::odds(c0, c1) : Ln::evens(c0, c1);
     const V xs = (kk & 2) ? bot : top;
-    const V routed = kk < 4 ? load_s<Ln>(g + j) : V{};
+    const V routed = fresh ? load_s<Ln>(g + j) * (kk < 4 ? V{} + T(1) : V{} + slope) : V{};
     vg += routed;
     vgx += routed * (xs - mean);
   }
 }
 
 template <typename T, typename S>
-inline void row_sums_scalar(const S* r0, const S* r1, const S* g, const uint8_t* k, int64_t wo, T mean, T& sg,
-                            T& sgx) {
+inline void row_sums_scalar(const S* r0, const S* r1, const S* g, const uint8_t* k, int64_t wo, T mean, T slope,
+                            T& sg, T& sgx) {
   for (int64_t j = 0; j < wo; ++j) {
     const int kk = k[j];
-    const T xs = kk < 4 ? to_acc(((kk & 2) ? r1 : r0)[2 * j + (kk & 1)]) : T(0);
-    const T routed = kk < 4 ? to_acc(g[j]) : T(0);
+    const T xs = to_acc(((kk & 2) ? r1 : r0)[2 * j + (kk & 1)]);
+    const T routed = to_acc(g[j]) * (kk < 4 ? T(1) : slope);
     sg += routed;
     sgx += routed * (xs - mean);
   }
@@ -258,16 +259,16 @@ inline void row_sums_scalar(const S* r0, const S* r1, const S* g, const uint8_t*
 // dense pass followed by a scatter-add would write the row twice).
 template <typename Ln, typename T, typename S>
 inline void row_dx(const S* x0, const S* x1, S* d0, S* d1, const S* g, const uint8_t* k, int64_t wo, T mean, T c1,
-                   T c0, T kg) {
+                   T c0, T kg, T slope) {
   using V = typename Ln::v;
   using M = typename Ln::m;
   constexpr int L = Ln::L;
   for (int64_t gs = 0; gs < wo; gs += L) {
     const int64_t j = std::min(gs, wo - L);  // the overlap recomputes identical values
-    const M kk = load_idx<Ln>(k + j);
-    const V gk = load_s<Ln>(g + j) * kg;
-    const V e0 = kk == 0 ? gk : V{}, e1 = kk == 1 ? gk : V{};
-    const V e2 = kk == 2 ? gk : V{}, e3 = kk == 3 ? gk : V{};
+    const M kk = load_idx<Ln>(k + j), p = kk & 3;
+    const V gk = load_s<Ln>(g + j) * (kk < 4 ? V{} + kg : V{} + kg * slope);
+    const V e0 = p == 0 ? gk : V{}, e1 = p == 1 ? gk : V{};
+    const V e2 = p == 2 ? gk : V{}, e3 = p == 3 ? gk : V{};
     store_s<Ln>(d0 + 2 * j, (load_s<Ln>(x0 + 2 * j) - mean) * c1 + c0 + Ln::zip_lo(e0, e1));
     store_s<Ln>(d0 + 2 * j + L, (load_s<Ln>(x0 + 2 * j + L) - mean) * c1 + c0 + Ln::zip_hi(e0, e1));
     store_s<Ln>(d1 + 2 * j, (load_s<Ln>(x1 + 2 * j) - mean) * c1 + c0 + Ln::zip_lo(e2, e3));
@@ -277,10 +278,10 @@ inline void row_dx(const S* x0, const S* x1, S* d0, S* d1, const S* g, const uin
 
 template <typename T, typename S>
 inline void row_dx_scalar(const S* x0, const S* x1, S* d0, S* d1, const S* g, const uint8_t* k, int64_t wo, T mean,
-                          T c1, T c0, T kg) {
+                          T c1, T c0, T kg, T slope) {
   for (int64_t j = 0; j < wo; ++j) {
-    const int kk = k[j];
-    const T gk = kg * to_acc(g[j]);
+    const int kk = k[j] & 3;
+    const T gk = (k[j] < 4 ? kg : kg * slope) * to_acc(g[j]);
     from_acc((to_acc(x0[2 * j]) - mean) * c1 + c0 + (kk == 0 ? gk : T(0)), d0 + 2 * j);
     from_acc((to_acc(x0[2 * j + 1]) - mean) * c1 + c0 + (kk == 1 ? gk : T(0)), d0 + 2 * j + 1);
     from_acc((to_acc(x1[2 * j]) - mean) * c1 + c0 + (kk == 2 ? gk : T(0)), d1 + 2 * j);
@@ -290,7 +291,7 @@ inline void row_dx_scalar(const S* x0, const S* x1, S* d0, S* d1, const S* g, co
 
 // Forward of one H x W plane: the pooled plane and its window indices (see block_kernels.h).
 template <typename T, typename S>
-void fwd_plane_t(const S* x, int64_t h, int64_t w, T scale, T shift, S* out, uint8_t* idx) {
+void fwd_plane_t(const S* x, int64_t h, int64_t w, T scale, T shift, T slope, S* out, uint8_t* idx) {
   const int64_t ho = h / 2, wo = w / 2;
   // A NaN or infinity anywhere in the channel makes its statistics, and so every output of the
   // channel, NaN in ATen's batch norm: the same here, without NaN tests in the window loops.
@@ -304,11 +305,11 @@ void fwd_plane_t(const S* x, int64_t h, int64_t w, T scale, T shift, S* out, uin
   for (int64_t rr = 0; rr < ho; ++rr) {
     const S* r0 = x + 2 * rr * w;
     if (wo >= Wide<T>::L)
-      row_fwd<Wide<T>>(r0, r0 + w, wo, scale, shift, out + rr * wo, idx + rr * wo);
+      row_fwd<Wide<T>>(r0, r0 + w, wo, scale, shift, slope, out + rr * wo, idx + rr * wo);
     else if (wo >= Narrow<T>::L)
-      row_fwd<Narrow<T>>(r0, r0 + w, wo, scale, shift, out + rr * wo, idx + rr * wo);
+      row_fwd<Narrow<T>>(r0, r0 + w, wo, scale, shift, slope, out + rr * wo, idx + rr * wo);
     else
-      row_fwd_scalar(r0, r0 + w, wo, scale, shift, out + rr * wo, idx + rr * wo);
+      row_fwd_scalar(r0, r0 + w, wo, scale, shift, slope, out + rr * wo, idx + rr * wo);
   }
 }
 
@@ -316,8 +317,8 @@ void fwd_plane_t(const S* x, int64_t h, int64_t w, T scale, T shift, S* out, uin
 // plane in T, into double totals). Branch-free over the windows in the vector rows: about half of
 // them route nothing (maximum <= 0), so a branch on the index mispredicts half the time.
 template <typename T, typename S>
-void bwd_sums_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8_t* idx, T mean, double* sdz,
-                double* sdzx) {
+void bwd_sums_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8_t* idx, T mean, T slope,
+                double* sdz, double* sdzx) {
   const int64_t ho = h / 2, wo = w / 2;
   T sg = 0, sgx = 0;
   // Vector accumulators across the plane's rows, reduced once at the end.
@@ -325,7 +326,8 @@ void bwd_sums_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8
     using Ln = decltype(lanes);
     typename Ln::v vg{}, vgx{};
     for (int64_t rr = 0; rr < ho; ++rr)
-      row_sums<Ln>(x + 2 * rr * w, x + (2 * rr + 1) * w, grad_out + rr * wo, idx + rr * wo, wo, mean, vg, vgx);
+      row_sums<Ln>(x + 2 * rr * w, x + (2 * rr + 1) * w, grad_out + rr * wo, idx + rr * wo, wo, mean, slope, vg,
+                   vgx);
     for (int l = 0; l < Ln::L; ++l) {
       sg += vg[l];
       sgx += vgx[l];
@@ -337,7 +339,8 @@ void bwd_sums_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8
     rows(Narrow<T>{});
   } else {
     for (int64_t rr = 0; rr < ho; ++rr)
-      row_sums_scalar(x + 2 * rr * w, x + (2 * rr + 1) * w, grad_out + rr * wo, idx + rr * wo, wo, mean, sg, sgx);
+      row_sums_scalar(x + 2 * rr * w, x + (2 * rr + 1) * w, grad_out + rr * wo, idx + rr * wo, wo, mean, slope, sg,
+                      sgx);
   }
   *sdz += static_cast<double>(sg);
   *sdzx += static_cast<double>(sgx);
@@ -346,7 +349,7 @@ void bwd_sums_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8
 // Backward, pass 2, one plane: dx = c1 * (x - mean) + c0 + kg * dz, each element written once.
 template <typename T, typename S>
 void dx_plane_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8_t* idx, T mean, T c1, T c0, T kg,
-                S* dx) {
+                T slope, S* dx) {
   const int64_t ho = h / 2, wo = w / 2;
   for (int64_t rr = 0; rr < ho; ++rr) {
     const S* x0 = x + 2 * rr * w;
@@ -354,11 +357,11 @@ void dx_plane_t(const S* x, int64_t h, int64_t w, const S* grad_out, const uint8
     const S* g = grad_out + rr * wo;
     const uint8_t* k = idx + rr * wo;
     if (wo >= Wide<T>::L)
-      row_dx<Wide<T>>(x0, x0 + w, d0, d0 + w, g, k, wo, mean, c1, c0, kg);
+      row_dx<Wide<T>>(x0, x0 + w, d0, d0 + w, g, k, wo, mean, c1, c0, kg, slope);
     else if (wo >= Narrow<T>::L)
-      row_dx<Narrow<T>>(x0, x0 + w, d0, d0 + w, g, k, wo, mean, c1, c0, kg);
+      row_dx<Narrow<T>>(x0, x0 + w, d0, d0 + w, g, k, wo, mean, c1, c0, kg, slope);
     else
-      row_dx_scalar(x0, x0 + w, d0, d0 + w, g, k, wo, mean, c1, c0, kg);
+      row_dx_scalar(x0, x0 + w, d0, d0 + w, g, k, wo, mean, c1, c0, kg, slope);
     if (w % 2 == 1) {  // the last column is in no window: its dz is 0
       from_acc((to_acc(x0[w - 1]) - mean) * c1 + c0, d0 + w - 1);
       from_acc((to_acc(x0[2 * w - 1]) - mean) * c1 + c0, d0 + 2 * w - 1);
@@ -416,7 +419,8 @@ void stats_nhwc_t(const S* x, int64_t positions, int64_t c, const T* shift, doub
 
 // Forward of one image: out and idx are its [h/2, w/2, C] outputs.
 template <typename T, typename S>
-void fwd_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const T* scale, const T* shift, S* out, uint8_t* idx) {
+void fwd_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const T* scale, const T* shift, T slope, S* out,
+                uint8_t* idx) {
   using Ln = Wide<T>;
   using V = typename Ln::v;
   using M = typename Ln::m;
@@ -441,8 +445,8 @@ void fwd_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const T* scale, con
         V best = down ? u : t;
         M kk = down ? (right_low & 1) + 2 : (right & 1);
         const M pos = best > T(0);
-        best = pos ? best : V{};
-        kk = pos ? kk : M{} + 4;
+        best = pos ? best : best * slope + T(0);
+        kk = pos ? kk : kk + 4;
         store_s<Ln>(o + c0, best);
         store_v(k + c0, __builtin_convertvector(kk, typename Ln::b));
       }
@@ -454,8 +458,8 @@ void fwd_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const T* scale, con
         const int down = u > t;
         const T best = down ? u : t;
         const int kk = down ? 2 + right_low : right;
-        from_acc(best > T(0) ? best : T(0), o + c0);
-        k[c0] = static_cast<uint8_t>(best > T(0) ? kk : 4);
+        from_acc(best > T(0) ? best : best * slope + T(0), o + c0);
+        k[c0] = static_cast<uint8_t>(best > T(0) ? kk : kk + 4);
       }
     }
 }
@@ -463,7 +467,7 @@ void fwd_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const T* scale, con
 // Backward pass 1 of one image: sdz[c] += sum dz, sdzx[c] += sum dz * (x - mean[c]).
 template <typename T, typename S>
 void bwd_sums_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_out, const uint8_t* idx,
-                     const T* mean, double* sdz, double* sdzx) {
+                     const T* mean, T slope, double* sdz, double* sdzx) {
   using Ln = Wide<T>;
   using V = typename Ln::v;
   using M = typename Ln::m;
@@ -481,7 +485,7 @@ void bwd_sums_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_
         const V a = load_s<Ln>(p00), b = load_s<Ln>(p00 + c);
         const V cc = load_s<Ln>(p00 + w * c), d = load_s<Ln>(p00 + w * c + c);
         const V xs = (kk & 2) ? ((kk & 1) ? d : cc) : ((kk & 1) ? b : a);
-        const V routed = kk < 4 ? load_s<Ln>(grad_out + o) : V{};
+        const V routed = load_s<Ln>(grad_out + o) * (kk < 4 ? V{} + T(1) : V{} + slope);
         vg += routed;
         vgx += routed * (xs - mn);
       }
@@ -495,10 +499,9 @@ void bwd_sums_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_
     for (int64_t i = 0; i < ho; ++i)
       for (int64_t j = 0; j < wo; ++j) {
         const int64_t o = (i * wo + j) * c + c0;
-        const int kk = idx[o];
-        if (kk >= 4) continue;
+        const int kk = idx[o] & 3;
         const T xs = to_acc(x[((2 * i + (kk >> 1)) * w + 2 * j + (kk & 1)) * c + c0]);
-        const T g = to_acc(grad_out[o]);
+        const T g = to_acc(grad_out[o]) * (idx[o] < 4 ? T(1) : slope);
         sg += g;
         sgx += g * (xs - mean[c0]);
       }
@@ -510,7 +513,7 @@ void bwd_sums_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_
 // Backward pass 2 of one image: dx = c1 * (x - mean) + c0 + kg * dz, each element written once.
 template <typename T, typename S>
 void dx_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_out, const uint8_t* idx, const T* mean,
-               const T* c1, const T* c0v, const T* kg, S* dx) {
+               const T* c1, const T* c0v, const T* kg, T slope, S* dx) {
   using Ln = Wide<T>;
   using V = typename Ln::v;
   using M = typename Ln::m;
@@ -530,16 +533,16 @@ void dx_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_out, c
       int64_t ch = 0;
       for (; ch + L <= c; ch += L) {
         const V mn = load_v<V>(mean + ch), a1 = load_v<V>(c1 + ch), a0 = load_v<V>(c0v + ch);
-        const M kk = load_idx<Ln>(idx + o + ch);
-        const V gk = load_s<Ln>(grad_out + o + ch) * load_v<V>(kg + ch);
+        const M k4 = load_idx<Ln>(idx + o + ch), kk = k4 & 3;
+        const V gk = load_s<Ln>(grad_out + o + ch) * load_v<V>(kg + ch) * (k4 < 4 ? V{} + T(1) : V{} + slope);
         store_s<Ln>(dx + q00 * c + ch, (load_s<Ln>(x + q00 * c + ch) - mn) * a1 + a0 + (kk == 0 ? gk : V{}));
         store_s<Ln>(dx + q01 * c + ch, (load_s<Ln>(x + q01 * c + ch) - mn) * a1 + a0 + (kk == 1 ? gk : V{}));
         store_s<Ln>(dx + q10 * c + ch, (load_s<Ln>(x + q10 * c + ch) - mn) * a1 + a0 + (kk == 2 ? gk : V{}));
         store_s<Ln>(dx + q11 * c + ch, (load_s<Ln>(x + q11 * c + ch) - mn) * a1 + a0 + (kk == 3 ? gk : V{}));
       }
       for (; ch < c; ++ch) {
-        const int kk = idx[o + ch];
-        const T gk = kg[ch] * to_acc(grad_out[o + ch]);
+        const int kk = idx[o + ch] & 3;
+        const T gk = kg[ch] * to_acc(grad_out[o + ch]) * (idx[o + ch] < 4 ? T(1) : slope);
         const int64_t q[4] = {q00, q01, q10, q11};
         for (int e = 0; e < 4; ++e)
           from_acc((to_acc(x[q[e] * c + ch]) - mean[ch]) * c1[ch] + c0v[ch] + (kk == e ? gk : T(0)),
@@ -554,6 +557,94 @@ void dx_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_out, c
   for (int64_t pos = 2 * ho * w; pos < h * w; ++pos) dense(pos);  // odd h: the last row
 }
 
+// ---------------------------------------------------------------------------------------- no pool
+// BatchNorm -> ReLU/LeakyReLU without the pool (the inner layers of a ResNet-12 block): element-wise
+// given the channel constants, so one kernel per layout over contiguous runs: idx[p] is 0 where
+// z > 0 and 4 elsewhere (the pooled kernels' code with the window position 0), so dz = g where
+// idx < 4 and slope * g elsewhere. The loops are simple enough for the auto-vectorizer.
+
+// Forward of n elements of one channel (an NCHW plane): out = leaky(x * scale + shift).
+template <typename T, typename S>
+void fwd_flat_t(const S* x, int64_t n, T scale, T shift, T slope, S* out, uint8_t* idx) {
+  for (int64_t p = 0; p < n; ++p) {
+    const T z = to_acc(x[p]) * scale + shift;
+    const bool pos = z > T(0);
+    from_acc(pos ? z : z * slope + T(0), out + p);
+    idx[p] = pos ? 0 : 4;
+  }
+}
+
+// Backward pass 1 of n elements of one channel: *sdz += sum dz, *sdzx += sum dz (x - mean).
+template <typename T, typename S>
+void bwd_sums_flat_t(const S* x, int64_t n, const S* grad_out, const uint8_t* idx, T mean, T slope, double* sdz,
+                     double* sdzx) {
+  T sg = 0, sgx = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    const T dz = to_acc(grad_out[p]) * (idx[p] < 4 ? T(1) : slope);
+    sg += dz;
+    sgx += dz * (to_acc(x[p]) - mean);
+  }
+  *sdz += static_cast<double>(sg);
+  *sdzx += static_cast<double>(sgx);
+}
+
+// Backward pass 2 of n elements of one channel: dx = c1 (x - mean) + c0 + kg dz.
+template <typename T, typename S>
+void dx_flat_t(const S* x, int64_t n, const S* grad_out, const uint8_t* idx, T mean, T c1, T c0, T kg, T slope,
+               S* dx) {
+  const T kn = kg * slope;
+  for (int64_t p = 0; p < n; ++p)
+    from_acc((to_acc(x[p]) - mean) * c1 + c0 + to_acc(grad_out[p]) * (idx[p] < 4 ? kg : kn), dx + p);
+}
+
+// channels_last: positions x c elements of one image, per-channel constant arrays.
+template <typename T, typename S>
+void fwd_flat_nhwc_t(const S* x, int64_t positions, int64_t c, const T* scale, const T* shift, T slope, S* out,
+                     uint8_t* idx) {
+  for (int64_t q = 0; q < positions; ++q)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const int64_t p = q * c + ch;
+      const T z = to_acc(x[p]) * scale[ch] + shift[ch];
+      const bool pos = z > T(0);
+      from_acc(pos ? z : z * slope + T(0), out + p);
+      idx[p] = pos ? 0 : 4;
+    }
+}
+
+template <typename T, typename S>
+void bwd_sums_flat_nhwc_t(const S* x, int64_t positions, int64_t c, const S* grad_out, const uint8_t* idx,
+                          const T* mean, T slope, double* sdz, double* sdzx) {
+  // Per-image partial sums in T (c values), added to the double totals once per image.
+  T sg[64], sgx[64];
+  for (int64_t c0 = 0; c0 < c; c0 += 64) {
+    const int64_t cn = std::min<int64_t>(64, c - c0);
+    std::fill(sg, sg + cn, T(0));
+    std::fill(sgx, sgx + cn, T(0));
+    for (int64_t q = 0; q < positions; ++q)
+      for (int64_t k = 0; k < cn; ++k) {
+        const int64_t p = q * c + c0 + k;
+        const T dz = to_acc(grad_out[p]) * (idx[p] < 4 ? T(1) : slope);
+        sg[k] += dz;
+        sgx[k] += dz * (to_acc(x[p]) - mean[c0 + k]);
+      }
+    for (int64_t k = 0; k < cn; ++k) {
+      sdz[c0 + k] += static_cast<double>(sg[k]);
+      sdzx[c0 + k] += static_cast<double>(sgx[k]);
+    }
+  }
+}
+
+template <typename T, typename S>
+void dx_flat_nhwc_t(const S* x, int64_t positions, int64_t c, const S* grad_out, const uint8_t* idx, const T* mean,
+                    const T* c1, const T* c0v, const T* kg, T slope, S* dx) {
+  for (int64_t q = 0; q < positions; ++q)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const int64_t p = q * c + ch;
+      const T k = idx[p] < 4 ? kg[ch] : kg[ch] * slope;
+      from_acc((to_acc(x[p]) - mean[ch]) * c1[ch] + c0v[ch] + to_acc(grad_out[p]) * k, dx + p);
+    }
+}
+
 // Double backward (second-order MAML differentiates the inner gradient, i.e. the backward). Per
 // channel, with M elements, s = invstd, xhat = (x - mean) s, dz the routed gradient, db = sum dz,
 // dg = sum dz xhat, and the backward's dx = gamma s (dz - db / M - xhat dg / M): for
@@ -563,15 +654,22 @@ void dx_nhwc_t(const S* x, int64_t h, int64_t w, int64_t c, const S* grad_out, c
 //   dL/d x_j   = s (H_j - sum(H) / M - xhat_j sum(H xhat) / M) - gamma P s^2 xhat_j / M,
 //     H_k = a_gamma dz_k - (gamma s / M)(dz_k AX + dg a_k)      (dL/d xhat_k at fixed s),
 //     sum(H) = a_gamma db - (gamma s / M)(db AX + dg A),  sum(H xhat) = a_gamma dg - 2 (gamma s / M) dg AX,
-// using d xhat_k / d x_j = s (delta_kj - 1 / M - xhat_k xhat_j / M). Only the create_graph path
-// (MAML's support set, a few images per task) runs this, so it is plain scalar code in double.
+// using d xhat_k / d x_j = s (delta_kj - 1 / M - xhat_k xhat_j / M). The activation enters only
+// through the routing: output o's gradient reaches its routed element as dz = r_o g_o, with r_o = 1
+// (z > 0) or the slope, a piecewise-constant factor, so dL/d g_o = r_o dL/d dz. Without the pool
+// each output routes to its own element. Only the create_graph path (MAML's support set, a few
+// images per task) runs this, so it is plain scalar code in double.
 template <typename T>
 void block_bwd2_t(const T* a, double a_gamma, double a_beta, const T* grad_out, const uint8_t* idx,
                   int64_t out_img_stride, const T* x, int64_t n, int64_t img_stride, int64_t h, int64_t w, T gamma_t,
-                  double mean, double invstd, T* g_grad_out, T* g_x, double* g_gamma) {
-  const int64_t hw = h * w, ho = h / 2, wo = w / 2;
+                  double mean, double invstd, double slope, bool pool, T* g_grad_out, T* g_x, double* g_gamma) {
+  const int64_t hw = h * w, ho = pool ? h / 2 : h, wo = pool ? w / 2 : w;
   const double count = static_cast<double>(n * hw), s = invstd, gamma = static_cast<double>(gamma_t);
-  auto routed_pos = [&](int64_t rr, int64_t j, int kk) { return (2 * rr + (kk >> 1)) * w + 2 * j + (kk & 1); };
+  auto routed_pos = [&](int64_t rr, int64_t j, int k) {
+    const int kk = k & 3;
+    return pool ? (2 * rr + (kk >> 1)) * w + 2 * j + (kk & 1) : rr * w + j;
+  };
+  auto rate = [&](int k) { return k < 4 ? 1.0 : slope; };
   double A = 0.0, AX = 0.0, db = 0.0, dg = 0.0, ADZ = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * img_stride;
@@ -585,9 +683,9 @@ void block_bwd2_t(const T* a, double a_gamma, double a_beta, const T* grad_out, 
     for (int64_t rr = 0; rr < ho; ++rr)
       for (int64_t j = 0; j < wo; ++j) {
         const int kk = idx[i * out_img_stride + rr * wo + j];
-        if (kk >= 4) continue;
+        if (rate(kk) == 0.0) continue;
         const int64_t p = routed_pos(rr, j, kk);
-        const double gv = static_cast<double>(grad_out[i * out_img_stride + rr * wo + j]);
+        const double gv = rate(kk) * static_cast<double>(grad_out[i * out_img_stride + rr * wo + j]);
         db += gv;
         dg += gv * (static_cast<double>(xi[p]) - mean);
         if (a != nullptr) ADZ += gv * static_cast<double>(a[i * img_stride + p]);
@@ -618,15 +716,16 @@ void block_bwd2_t(const T* a, double a_gamma, double a_beta, const T* grad_out, 
       for (int64_t j = 0; j < wo; ++j) {
         const int64_t o = i * out_img_stride + rr * wo + j;
         const int kk = idx[o];
-        if (kk >= 4) {
+        const double r = rate(kk);
+        if (r == 0.0) {
           g_grad_out[o] = T(0);
           continue;
         }
         const int64_t p = routed_pos(rr, j, kk);
         const double xh = (static_cast<double>(xi[p]) - mean) * s;
         const double av = ai != nullptr ? static_cast<double>(ai[p]) : 0.0;
-        gxi[p] = static_cast<T>(static_cast<double>(gxi[p]) + cz * static_cast<double>(grad_out[o]));
-        g_grad_out[o] = static_cast<T>(gamma * s * (av - A / count - xh * AX / count) + a_gamma * xh + a_beta);
+        gxi[p] = static_cast<T>(static_cast<double>(gxi[p]) + cz * r * static_cast<double>(grad_out[o]));
+        g_grad_out[o] = static_cast<T>(r * (gamma * s * (av - A / count - xh * AX / count) + a_gamma * xh + a_beta));
       }
   }
 }

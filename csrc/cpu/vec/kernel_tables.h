@@ -9,17 +9,13 @@ namespace fastmeta::cpu::vec::FASTMETA_VEC_NS {
 extern const RowKernels<float> kF32 = {FASTMETA_VEC_ISA, sumsq_t<float>, axpy_t<float>, combine_t<float>};
 extern const RowKernels<double> kF64 = {FASTMETA_VEC_ISA, sumsq_t<double>, axpy_t<double>, combine_t<double>};
 
-extern const BlockKernels<float> kBlockF32 = {
-    stats_t<float, float>,      fwd_plane_t<float, float>,   bwd_sums_t<float, float>,      dx_plane_t<float, float>,
-    stats_nhwc_t<float, float>, fwd_nhwc_t<float, float>,    bwd_sums_nhwc_t<float, float>, dx_nhwc_t<float, float>,
-    block_bwd2_t<float>};
-extern const BlockKernels<double> kBlockF64 = {
-    stats_t<double, double>,      fwd_plane_t<double, double>, bwd_sums_t<double, double>,
-    dx_plane_t<double, double>,   stats_nhwc_t<double, double>, fwd_nhwc_t<double, double>,
-    bwd_sums_nhwc_t<double, double>, dx_nhwc_t<double, double>, block_bwd2_t<double>};
-extern const BlockKernelsBf16 kBlockBf16 = {
-    stats_t<float, uint16_t>,      fwd_plane_t<float, uint16_t>, bwd_sums_t<float, uint16_t>,
-    dx_plane_t<float, uint16_t>,   stats_nhwc_t<float, uint16_t>, fwd_nhwc_t<float, uint16_t>,
-    bwd_sums_nhwc_t<float, uint16_t>, dx_nhwc_t<float, uint16_t>};
+#define FASTMETA_BLOCK_TABLE(T, S)                                                                            \
+  stats_t<T, S>, fwd_plane_t<T, S>, bwd_sums_t<T, S>, dx_plane_t<T, S>, stats_nhwc_t<T, S>, fwd_nhwc_t<T, S>,  \
+      bwd_sums_nhwc_t<T, S>, dx_nhwc_t<T, S>, fwd_flat_t<T, S>, bwd_sums_flat_t<T, S>, dx_flat_t<T, S>,        \
+      fwd_flat_nhwc_t<T, S>, bwd_sums_flat_nhwc_t<T, S>, dx_flat_nhwc_t<T, S>
+extern const BlockKernels<float> kBlockF32 = {FASTMETA_BLOCK_TABLE(float, float), block_bwd2_t<float>};
+extern const BlockKernels<double> kBlockF64 = {FASTMETA_BLOCK_TABLE(double, double), block_bwd2_t<double>};
+extern const BlockKernelsBf16 kBlockBf16 = {FASTMETA_BLOCK_TABLE(float, uint16_t)};
+#undef FASTMETA_BLOCK_TABLE
 
 }  // namespace fastmeta::cpu::vec::FASTMETA_VEC_NS
