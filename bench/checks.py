@@ -30,6 +30,16 @@ def check_gradient(wl: Workload, make, first_order: bool, bf16: bool = False, ta
     """
     n = min(tasks, wl.meta_batch)
     ref = make_plain(wl, wl.model(torch.float64), wl.batch(torch.float64, num_tasks=n), first_order)()
+    if make is make_plain:
+        # The bench's own loop is the oracle: check it against the tests' independently written one
+        # (tests/reference.py) rather than against itself.
+        from fastmeta.params import ParamLayout
+        from oracle import flat, reference as tests_reference
+        from workloads import loss_of
+        m64, b64 = wl.model(torch.float64), wl.batch(torch.float64, num_tasks=n)
+        names = [k for k, _ in m64.named_parameters()]
+        ref = flat(tests_reference.maml_meta_grad(m64, b64, loss_of(wl), wl.inner_lr, 1, names, first_order),
+                   ParamLayout(m64, "all"))
     dtype = torch.float32 if bf16 else torch.float64
     got = make(wl, wl.model(dtype), wl.batch(dtype, num_tasks=n), first_order)()
     err = rel_err(got.double(), ref)

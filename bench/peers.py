@@ -1,6 +1,6 @@
 """The implementations of one MAML meta-gradient that the benchmarks compare, and which run where.
 
-* the plain per-task loop (the tests' oracle, ``tests/reference.py``, via ``oracle``);
+* the plain per-task loop (``bench/oracle.py``'s own, checked against ``tests/reference.py``);
 * fastmeta (``MetaLearner``), with its CPU speed modes as extra rows on convolutional workloads;
 * the peers: higher, torchopt and learn2learn, each when importable (else skipped with the reason);
 * the compute floor (``floor``).

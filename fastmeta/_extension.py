@@ -98,6 +98,15 @@ def load() -> bool:
         return True
 
 
+def opted_out() -> bool:
+    """Whether the extension is absent by the user's choice: ``FASTMETA_NO_EXT=1`` now, or at build
+    time (the build record then says the build was skipped for it)."""
+    if _truthy("FASTMETA_NO_EXT"):
+        return True
+    status = build_status()
+    return status.get("ext") == "skipped" and "FASTMETA_NO_EXT" in str(status.get("ext_reason", ""))
+
+
 def available() -> bool:
     """Whether the C++ CPU kernels (``torch.ops.fastmeta.*``) can be used."""
     return load()

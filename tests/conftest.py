@@ -21,6 +21,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 
 
+def missing_extension_error() -> str | None:
+    """Why the test run must stop: the native extension is missing although nobody opted out of it.
+
+    Without this check a broken local build would skip every cpp case (test_cpu_isa.py,
+    test_build.py, the cpp backend's op cases) and look like a green run. Opting out is explicit:
+    ``FASTMETA_NO_EXT=1`` now, or at install time (the build record then says ``skipped``). None
+    when the run may go on.
+    """
+    from fastmeta import _extension
+
+    if _extension.available() or _extension.opted_out():
+        return None
+    return (f"the native extension fastmeta._C is missing: {_extension.reason()}.\n"
+            "Build it (pip install --no-build-isolation -e .; see docs/building.md), or run the tests without "
+            "it on purpose with FASTMETA_NO_EXT=1 (its cpp cases are then deselected).")
+
+
+def pytest_configure(config):
+    error = missing_extension_error()
+    if error is not None:
+        raise pytest.UsageError(error)
+
+
 @pytest.fixture(scope="session")
 def omniglot_zips():
     """The real Omniglot subsets shipped beside the project (never part of the package)."""

@@ -1,8 +1,8 @@
 """The native build: fastmeta._C imports, reports how it was built, and its row_norm kernel runs;
 a failing CUDA part never costs the CPU module.
 
-The installed-extension tests skip (with the recorded reason) when the extension was not built,
-unless FASTMETA_REQUIRE_EXT=1 (CI sets it), in which case a missing extension is a failure.
+A missing extension stops the test run (tests/conftest.py) unless the user opted out of it with
+FASTMETA_NO_EXT=1 (now, or at build time); only then do the installed-extension tests skip.
 """
 
 import importlib.util
@@ -24,7 +24,7 @@ from fastmeta import _extension
 def ext():
     if not _extension.load():
         msg = f"native extension not available: {_extension.reason()}"
-        if os.environ.get("FASTMETA_REQUIRE_EXT") == "1":
+        if not _extension.opted_out() or os.environ.get("FASTMETA_REQUIRE_EXT") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
     from fastmeta import _C
@@ -166,3 +166,56 @@ def test_cuda_configure_failure_keeps_the_cpu_extension(tmp_path):
     assert info.stdout.splitlines()[0].startswith(str(src)), info.stdout.splitlines()[0]
     assert "native extension fastmeta._C: loaded" in info.stdout, info.stdout
     assert "CUDA kernels library: not built: CUDA configure failed: " in info.stdout, info.stdout
+
+
+# ---------------------------------------------------------------- a broken build is loud
+_BLOCK_EXT = """import sys
+
+
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastmeta._C":
+            raise ImportError("fastmeta._C blocked by test_build.py")
+        return None
+
+
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _pytest_without_ext(tmp_path, **env_extra):
+    """``pytest tests/test_build.py::test_build_info`` in a fresh process where ``fastmeta._C``
+    cannot be imported (a sitecustomize on PYTHONPATH blocks it), as after a broken build."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_BLOCK_EXT)
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTMETA_NO_EXT", "FASTMETA_REQUIRE_EXT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(site)] + [p for p in [env.get("PYTHONPATH")] if p]), **env_extra)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rs",
+           "tests/test_build.py::test_build_info"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_missing_extension_stops_the_run_unless_opted_out(tmp_path):
+    loud = _pytest_without_ext(tmp_path)
+    out = loud.stdout + loud.stderr
+    assert loud.returncode == pytest.ExitCode.USAGE_ERROR, out[-3000:]
+    assert "native extension fastmeta._C is missing" in out and "blocked by test_build.py" in out
+    assert "FASTMETA_NO_EXT=1" in out  # says how to opt out
+    quiet = _pytest_without_ext(tmp_path, FASTMETA_NO_EXT="1")
+    out = quiet.stdout + quiet.stderr
+    assert quiet.returncode == pytest.ExitCode.OK and "1 skipped" in out, out[-3000:]
+
+
+def test_opting_out_is_explicit(monkeypatch):
+    monkeypatch.delenv("FASTMETA_NO_EXT", raising=False)
+    monkeypatch.setattr(_extension, "build_status", lambda: {"ext": "failed", "ext_reason": "CMake Error"})
+    assert not _extension.opted_out()
+    monkeypatch.setattr(_extension, "build_status", lambda: {})  # never built: not a choice either
+    assert not _extension.opted_out()
+    monkeypatch.setattr(_extension, "build_status",
+                        lambda: {"ext": "skipped", "ext_reason": "FASTMETA_NO_EXT=1 at build time"})
+    assert _extension.opted_out()
+    monkeypatch.setattr(_extension, "build_status", lambda: {})
+    monkeypatch.setenv("FASTMETA_NO_EXT", "1")
+    assert _extension.opted_out()

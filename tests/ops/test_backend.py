@@ -12,6 +12,7 @@ import torch
 
 from fastmeta import _extension, ops
 from fastmeta.ops import _backend
+from fastmeta.testing import cpu_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -208,3 +209,14 @@ def test_cuda_library_reports_what_it_was_built_with():
     assert _cuda.built_archs() == ((8, 0), (9, 0))  # CMakeLists.txt: CMAKE_CUDA_ARCHITECTURES 80 90
     built = _cuda.built_cuda_version()
     assert built and built == (_extension.build_status().get("nvcc_version") or built)
+
+
+@pytest.mark.parametrize("backend_name", _backend.BACKENDS)
+def test_backend_runs_here_or_is_skipped_once(backend_name):
+    """One line per backend: a backend that cannot run on CPU here has its cases deselected at
+    collection (tests/ops/conftest.py) and reports its reason once, here."""
+    reason = cpu_unavailable_reason(backend_name)
+    if reason is not None:
+        assert backend_name not in ops.available_backends("cpu")
+        pytest.skip(f"{backend_name} backend cannot run on CPU here, its cases are deselected: {reason}")
+    assert any(backend_name in ops.available_backends("cpu", op) for op in _backend.OPS)

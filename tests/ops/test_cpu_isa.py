@@ -7,7 +7,7 @@ import torch
 from fastmeta import _extension, ops
 from fastmeta.testing import RowCase, as_float64, assert_oracle_close, make_rows, make_vector, row_cases
 
-if not _extension.available():
+if not _extension.available():  # only when opted out (FASTMETA_NO_EXT=1); else tests/conftest.py stops the run
     pytest.skip(f"native extension unavailable: {_extension.reason()}", allow_module_level=True)
 
 from fastmeta import _C  # noqa: E402
@@ -59,11 +59,14 @@ def test_row_kernels_match_reference(isa, stream, case):
     for args, kw in [((theta, g, 0.05), {}), ((theta_rows, g, radius, mask), {}),
                      ((theta_rows, g, 0.1), {"global_norm": True})]:
         out = _cpp(ops.sam_perturb, *args, **kw)
+        # compared on the perturbation out - theta, the quantity the kernel computes
         assert_oracle_close(out, _ref(ops.sam_perturb, *args, **kw),
-                            _ref(ops.sam_perturb, *as_float64(*args), **kw), what=what)
+                            _ref(ops.sam_perturb, *as_float64(*args), **kw), base=args[0], what=what)
         if case.zero_row and "global_norm" not in kw:
             assert torch.equal(out[0], args[0] if args[0].dim() == 1 else args[0][0])
-    assert_oracle_close(_cpp(ops.row_norm, g), _ref(ops.row_norm, g), _ref(ops.row_norm, g.double()), what=what)
+    # a norm summed in another order: up to ~log2(D) ulps apart (test_row_norm.py)
+    assert_oracle_close(_cpp(ops.row_norm, g), _ref(ops.row_norm, g), _ref(ops.row_norm, g.double()), ulps=16,
+                        what=what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -22,11 +22,11 @@ def test_fd_hvp_points_matches_reference(backend, run_on, case):
         assert out.shape == (2 * case.t, case.d)
 
 
-def test_fd_hvp_points_layout(backend, run_on):
-    require(backend, "fd_hvp_points")
+def test_fd_hvp_points_layout(every_backend, run_on):
+    require(every_backend, "fd_hvp_points")
     theta = torch.tensor([1.0, 2.0], dtype=torch.float64)
     v = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-    out = run_on(backend, ops.fd_hvp_points, theta, v, torch.tensor([0.5, 0.25], dtype=torch.float64))
+    out = run_on(every_backend, ops.fd_hvp_points, theta, v, torch.tensor([0.5, 0.25], dtype=torch.float64))
     expected = torch.tensor([[1.5, 2.0], [1.0, 2.5], [0.5, 2.0], [1.0, 1.5]], dtype=torch.float64)
     assert torch.equal(out, expected)
 
@@ -44,10 +44,10 @@ def test_fd_hvp_combine_matches_reference(backend, run_on, case, reduce):
     assert_oracle_close(out, ref, oracle, ulps=64, what=f"{backend} {case.id} {reduce}")
 
 
-def test_fd_hvp_combine_recovers_hessian_vector_product_of_quadratic(backend, run_on):
+def test_fd_hvp_combine_recovers_hessian_vector_product_of_quadratic(every_backend, run_on):
     # f(x) = 1/2 x^T A x per task: grad(theta +- delta v) = A theta +- delta A v, so the combine
     # must give mean_t(g_o - lr * A_t v_t) exactly up to rounding (Fallah eq. 10-11 with v = g_o).
-    require(backend, "fd_hvp_points")
+    require(every_backend, "fd_hvp_points")
     torch.manual_seed(0)
     t, d, lr = 4, 9, 0.3
     a = torch.randn(t, d, d, dtype=torch.float64)
@@ -55,7 +55,7 @@ def test_fd_hvp_combine_recovers_hessian_vector_product_of_quadratic(backend, ru
     theta = torch.randn(d, dtype=torch.float64)
     g_o = torch.randn(t, d, dtype=torch.float64)
     delta = torch.tensor([1e-3, 1e-2, 1e-1, 1.0], dtype=torch.float64)
-    with ops.use_backend(backend):
+    with ops.use_backend(every_backend):
         pts = ops.fd_hvp_points(theta, g_o, delta)
         grads = torch.cat([torch.einsum("tij,tj->ti", a, pts[:t]), torch.einsum("tij,tj->ti", a, pts[t:])])
         out = ops.fd_hvp_combine(g_o, grads[:t], grads[t:], delta, lr)

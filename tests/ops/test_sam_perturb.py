@@ -24,7 +24,7 @@ def test_sam_perturb_matches_reference(backend, run_on, case):
         out = run_on(backend, ops.sam_perturb, theta, g, 0.05)
         ref = run_on("reference", ops.sam_perturb, theta, g, 0.05)
         oracle = run_on("reference", ops.sam_perturb, *as_float64(theta, g), 0.05)
-        assert_oracle_close(out, ref, oracle, what=f"{backend} {case.id} theta_rows={theta_rows}")
+        assert_oracle_close(out, ref, oracle, base=theta, what=f"{backend} {case.id} theta_rows={theta_rows}")
         if case.zero_row:
             # zero gradient row -> zero perturbation, exactly theta, never NaN
             assert torch.equal(out[0], (theta[0] if theta_rows else theta))
@@ -44,7 +44,7 @@ def test_sam_perturb_masked_and_per_task_radius(backend, run_on, case, rescale):
     out = run_on(backend, ops.sam_perturb, theta, g, radius, mask)
     ref = run_on("reference", ops.sam_perturb, theta, g, radius, mask)
     oracle = run_on("reference", ops.sam_perturb, *as_float64(theta, g, radius, mask))
-    assert_oracle_close(out, ref, oracle, what=f"{backend} {case.id} masked")
+    assert_oracle_close(out, ref, oracle, base=theta, what=f"{backend} {case.id} masked")
     dropped = mask == 0
     assert torch.equal(out[dropped], theta.expand_as(out)[dropped])  # masked-out entries are not moved
 
@@ -60,7 +60,7 @@ def test_sam_perturb_global_norm(backend, run_on, case):
     out = run_on(backend, ops.sam_perturb, theta, g, 0.1, global_norm=True)
     ref = run_on("reference", ops.sam_perturb, theta, g, 0.1, global_norm=True)
     oracle = run_on("reference", ops.sam_perturb, *as_float64(theta, g), 0.1, global_norm=True)
-    assert_oracle_close(out, ref, oracle, what=f"{backend} {case.id} global")
+    assert_oracle_close(out, ref, oracle, base=theta, what=f"{backend} {case.id} global")
     # the whole perturbation has norm radius (Sharp-MAML eq. 13: ||eps|| = alpha over all parameters)
     assert abs(float(torch.linalg.vector_norm((out - theta).double())) - 0.1) < 1e-5
     # a single [D] meta-gradient
@@ -68,19 +68,20 @@ def test_sam_perturb_global_norm(backend, run_on, case):
     out1 = run_on(backend, ops.sam_perturb, theta[0], v, 0.1, global_norm=True)
     assert out1.shape == (case.d,)
     assert_oracle_close(out1, run_on("reference", ops.sam_perturb, theta[0], v, 0.1, global_norm=True),
-                        run_on("reference", ops.sam_perturb, *as_float64(theta[0], v), 0.1, global_norm=True))
+                        run_on("reference", ops.sam_perturb, *as_float64(theta[0], v), 0.1, global_norm=True),
+                        base=theta[0])
 
 
-def test_sam_perturb_known_values(backend, run_on):
-    require(backend, "sam_perturb")
+def test_sam_perturb_known_values(every_backend, run_on):
+    require(every_backend, "sam_perturb")
     theta = torch.tensor([1.0, 1.0])
     g = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]])
-    out = run_on(backend, ops.sam_perturb, theta, g, 0.5)
+    out = run_on(every_backend, ops.sam_perturb, theta, g, 0.5)
     torch.testing.assert_close(out, torch.tensor([[1.3, 1.4], [1.0, 1.0], [1.0, 0.5]]))
     mask = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
-    out = run_on(backend, ops.sam_perturb, theta, g, 0.5, mask)
+    out = run_on(every_backend, ops.sam_perturb, theta, g, 0.5, mask)
     torch.testing.assert_close(out[0], torch.tensor([1.0, 1.5]))  # ||g*m|| = 4, not 5
-    out = run_on(backend, ops.sam_perturb, theta, g, 1.0, global_norm=True)  # ||g|| over all = sqrt(29)
+    out = run_on(every_backend, ops.sam_perturb, theta, g, 1.0, global_norm=True)  # ||g|| over all = sqrt(29)
     torch.testing.assert_close(out[2], torch.tensor([1.0, 1.0 - 2.0 / 29**0.5]))
 
 

@@ -32,13 +32,13 @@ def test_sds_select_matches_reference_exactly(backend, run_on, t, n, dtype, ties
         assert torch.equal(out, ref), f"{backend} T={t} N={n} ratio={ratio}"
 
 
-def test_sds_select_known_order_and_ties(backend, run_on):
-    require(backend, "sds_select")
+def test_sds_select_known_order_and_ties(every_backend, run_on):
+    require(every_backend, "sds_select")
     clean = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     pert = torch.tensor([[1.0, 3.0, 3.0, 2.0, -1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
-    out = run_on(backend, ops.sds_select, clean, pert, 0.8)  # k = 4
+    out = run_on(every_backend, ops.sds_select, clean, pert, 0.8)  # k = 4
     assert out.tolist() == [[1, 2, 3, 0], [0, 1, 2, 3]]
-    mask = run_on(backend, ops.sds_mask, clean, pert, 0.4)  # k = 2
+    mask = run_on(every_backend, ops.sds_mask, clean, pert, 0.4)  # k = 2
     assert mask.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
 
 

@@ -27,12 +27,13 @@ TINY_CASES = [RowCase(1, 1), RowCase(5, 257), RowCase(5, 257, torch.float64, zer
 CASES = [("gpu", c) for c in GPU_CASES] + [("tiny", c) for c in TINY_CASES]
 
 
-def _check(fn, *args, what="", ulps=16.0, **kwargs):
+def _check(fn, *args, what="", ulps=2.0, **kwargs):
+    """fastmeta.testing's rule; sam_perturb on its perturbation out - theta (the quantity that matters)."""
     out = fn(*args, **kwargs)
     with ops.use_backend("reference"):
         ref = fn(*args, **kwargs)
         oracle = fn(*as_float64(*args), **kwargs)
-    assert_oracle_close(out, ref, oracle, ulps=ulps, what=what)
+    assert_oracle_close(out, ref, oracle, ulps=ulps, what=what, base=args[0] if fn is ops.sam_perturb else None)
     return out
 
 
@@ -46,7 +47,7 @@ def test_row_ops_at_gpu_launch_sizes(gpu_launch, case):
     mask = (make_rows(case, seed=5, zero=False) > 0).to(case.dtype)
     what = f"{gpu_launch} {case.id}"
     with ops.use_backend("triton"):
-        _check(ops.row_norm, g, what=f"row_norm {what}")
+        _check(ops.row_norm, g, what=f"row_norm {what}", ulps=16)  # summation order (test_row_norm.py)
         for th in (theta, theta_rows):
             _check(ops.sam_perturb, th, g, 0.05, what=f"sam_perturb {what}")
             _check(ops.sam_perturb, th, g, radius, mask, what=f"sam_perturb masked {what}")
