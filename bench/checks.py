@@ -28,6 +28,7 @@ def check_gradient(wl: Workload, make, first_order: bool, bf16: bool = False, ta
     That only says the direction is right; bf16's usefulness is judged by meta-test accuracy.
     Returns ``{"ok", "rel_err", "cos", "tol", "dtype"}``.
     """
+    wl = wl.extra.get("check_twin", wl)  # large networks are checked on their float64-affordable twin
     n = min(tasks, wl.meta_batch)
     ref = make_plain(wl, wl.model(torch.float64), wl.batch(torch.float64, num_tasks=n), first_order)()
     if make is make_plain:

@@ -25,7 +25,8 @@ HERE = Path(__file__).resolve().parent
 
 # (workload, first order, timing rounds) per case; whether to measure peak RSS and accuracy.
 FAST = dict(cases=[("sine", False, 10), ("conv4-mb4", False, 2)], rss=False, accuracy=False)
-FULL = dict(cases=[("sine", False, 30), ("conv4", False, 8), ("conv4", True, 8)], rss=True, accuracy=True)
+FULL = dict(cases=[("sine", False, 30), ("conv4", False, 8), ("conv4", True, 8), ("conv4-84", False, 3),
+                   ("resnet12", False, 2)], rss=True, accuracy=True)
 # --smoke (not in --help): the tiny sine preset, one round; checks that the command works end to end.
 SMOKE = dict(cases=[("sine-small", False, 1)], rss=False, accuracy=False)
 

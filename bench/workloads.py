@@ -104,8 +104,47 @@ def conv4_workload(meta_batch: int = 16, ways: int = 5, shots: int = 1, queries:
                     lambda: Conv4(ways), "cross_entropy", 0.4, meta_batch, sample, src, conv=True)
 
 
+def image_workload(name: str, model_fn, title: str, size: int, meta_batch: int, ways: int = 5, shots: int = 1,
+                   queries: int = 15, check_twin: Optional[Workload] = None) -> Workload:
+    """An 84x84-RGB-class few-shot workload on random images (speed does not depend on the pixels):
+    mini-ImageNet-shaped Conv-4 or ResNet-12. ``check_twin``: the same network at a size float64
+    affords, on which :func:`checks.check_gradient` checks the meta-gradients (exactness does not
+    depend on the widths)."""
+    def sample(T, dtype):
+        g = torch.Generator().manual_seed(0)
+        sx = torch.rand(T, ways * shots, 3, size, size, generator=g, dtype=torch.float64).to(dtype)
+        qx = torch.rand(T, ways * queries, 3, size, size, generator=g, dtype=torch.float64).to(dtype)
+        lab = torch.arange(ways)
+        return TaskBatch(sx, lab.repeat_interleave(shots).expand(T, -1), qx,
+                         lab.repeat_interleave(queries).expand(T, -1), ways=ways)
+
+    extra = {} if check_twin is None else {"check_twin": check_twin}
+    return Workload(name, f"{title} {size}x{size} {ways}w{shots}s, {queries} queries, meta-batch {meta_batch}",
+                    model_fn, "cross_entropy", 0.01, meta_batch, sample, "random RGB images", conv=True, extra=extra)
+
+
+def conv4_84_workload(small: bool = False) -> Workload:
+    from fastmeta import Conv4
+
+    if small:
+        return image_workload("conv4-84", lambda: Conv4(5, 3, 4, 16), "Conv-4 (hidden 4)", 16, 2, queries=2)
+    twin = image_workload("conv4-84", lambda: Conv4(5, 3, 8, 32), "Conv-4 (hidden 8)", 32, 2, queries=3)
+    return image_workload("conv4-84", lambda: Conv4(5, 3, 32, 84), "Conv-4 (hidden 32)", 84, 4, check_twin=twin)
+
+
+def resnet12_workload(small: bool = False) -> Workload:
+    from fastmeta import ResNet12
+
+    if small:
+        return image_workload("resnet12", lambda: ResNet12(5, 3, (4, 4, 4, 4)), "ResNet-12 4-4-4-4", 16, 2,
+                              queries=2)
+    twin = image_workload("resnet12", lambda: ResNet12(5, 3, (8, 12, 16, 20)), "ResNet-12 8-12-16-20", 32, 2,
+                          queries=3)
+    return image_workload("resnet12", lambda: ResNet12(5, 3), "ResNet-12 64-160-320-640", 84, 2, check_twin=twin)
+
+
 def workload(name: str, small: bool = False) -> Workload:
-    """``"sine"`` or ``"conv4"``; ``small=True`` (or the suffix ``-small``) is the CI smoke preset
+    """``"sine"``, ``"conv4"``, ``"conv4-84"`` or ``"resnet12"``; ``small=True`` (or the suffix ``-small``) is the CI smoke preset
     (a few tasks, few queries); ``"conv4-mb4"`` is Conv-4 at meta-batch 4 (``fastmeta bench``'s
     fast preset)."""
     if name.endswith("-small"):
@@ -116,7 +155,11 @@ def workload(name: str, small: bool = False) -> Workload:
         return sine_workload(meta_batch=4) if small else sine_workload()
     if name == "conv4":
         return conv4_workload(meta_batch=2, queries=2) if small else conv4_workload()
-    raise ValueError(f"name: unknown workload {name!r} (expected 'sine' or 'conv4')")
+    if name == "conv4-84":
+        return conv4_84_workload(small)
+    if name == "resnet12":
+        return resnet12_workload(small)
+    raise ValueError(f"name: unknown workload {name!r} (expected 'sine', 'conv4', 'conv4-84' or 'resnet12')")
 
 
 def smoke(config) -> bool:
