@@ -51,11 +51,13 @@ class MetaLearner:
             format (exact gradients; applies under the loop strategy).
         bf16: opt-in CPU speed mode: the model runs under bf16 autocast while the parameters,
             inner-loop updates and the meta-gradient (accumulated over tasks) stay float32.
-            Gradients are approximate (~1e-2 relative); check accuracy on your task (on Omniglot
-            5-way 1-shot, ``fastmeta bench --full`` reports meta-test accuracy beside float32).
-        fused: opt-in CPU speed mode for conv nets: every ``BatchNorm2d (batch statistics), ReLU,
-            MaxPool2d(2)`` run inside an ``nn.Sequential`` (each block of Conv-4) goes through one
-            fused C++ kernel per pass (the ``bn_relu_pool`` op, applied by
+            Gradients are approximate: ~0.2 relative L2 error on Conv-4, ~0.25 on ResNet-12 (cosine
+            0.97); check accuracy on your task (on Omniglot 5-way 1-shot, ``fastmeta bench --full``
+            reports meta-test accuracy beside float32; on ResNet-12 it has not been validated).
+        fused: opt-in CPU speed mode for conv nets: every ``BatchNorm2d (batch statistics) ->
+            ReLU/LeakyReLU [-> MaxPool2d(2)]`` chain (each block of Conv-4; two per ResNet-12 block),
+            found in ``nn.Sequential`` containers and by torch.fx tracing of other forwards, goes
+            through one fused C++ kernel per pass (the ``bn_relu_pool`` op, applied by
             :func:`fastmeta.nn.fuse_conv_blocks`); the model object is not modified. Same function;
             float32 gradients differ from ATen's by rounding (~1e-6 relative); the second-order
             terms come from the op's closed-form double backward.
@@ -149,7 +151,7 @@ class MetaLearner:
         strategy = self._ev.strategy if self._ev is not None else None
         self._build()
         with torch.no_grad():
-            for p in self._meta_params():
+            for p in self.algorithm.meta_parameters():
                 p.data = p.data.to(self.layout.device, self.layout.dtype)
         self._new_evaluator("loop")
         self._ev = None if strategy is None else self._new_evaluator(strategy)
@@ -158,19 +160,16 @@ class MetaLearner:
         """``model.to(*args, **kwargs)`` and the same for the algorithm's learned tensors; returns self."""
         self.model.to(*args, **kwargs)
         with torch.no_grad():
-            for p in self._meta_params():
+            for p in self.algorithm.meta_parameters():
                 p.data = p.data.to(*args, **kwargs)
         self._follow_model()
         return self
-
-    def _meta_params(self) -> list:
-        return list(self.algorithm.meta_parameters())
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The model's parameters, then the algorithm's learned ones (Meta-SGD's or MAML++'s inner
         rates; none for MAML): what the meta-optimizer steps, e.g. ``Adam(learner.parameters())``."""
         yield from self.model.parameters()
-        yield from self._meta_params()
+        yield from self.algorithm.meta_parameters()
 
     # ------------------------------------------------------------------ feature caching
     @property
@@ -348,7 +347,7 @@ class MetaLearner:
         P = self.layout.P
         self.layout.write_grad(self.model, grad[:P], accumulate=True)
         offset = P
-        for p in self._meta_params():
+        for p in self.algorithm.meta_parameters():
             g = grad[offset: offset + p.numel()].view(p.shape).to(p.dtype)
             offset += p.numel()
             if p.grad is None:
@@ -367,9 +366,8 @@ class MetaLearner:
 
         Under ``torch.compile`` it raises ``RuntimeError`` saying why and what to do instead."""
         if torch.compiler.is_compiling():
-            # Dynamo turns a raise inside traced code into a graph break and reruns it eagerly,
-            # where is_compiling() is False: the flag (a side effect Dynamo replays) carries the
-            # fact into the eager, never-traced _step, which raises for real.
+            # Dynamo turns a raise in traced code into a graph break and an eager rerun (where
+            # is_compiling() is False): the flag, a side effect it replays, reaches the eager _step.
             self._compiling = "step"
         return self._step(batch)
 

@@ -60,8 +60,9 @@ class Evaluator:
         bf16: opt-in CPU speed mode: bf16 autocast with float32 master weights and float32
             meta-gradient accumulation (approximate: ~1e-2 relative gradient error). Needs
             float32 parameters.
-        fused: opt-in CPU speed mode: ``BatchNorm2d (batch statistics), ReLU, MaxPool2d(2)`` runs
-            inside ``nn.Sequential`` go through the fused ``bn_relu_pool`` op: the evaluator runs
+        fused: opt-in CPU speed mode: ``BatchNorm2d (batch statistics) -> ReLU/LeakyReLU
+            [-> MaxPool2d(2)]`` chains (in ``nn.Sequential`` containers or found by torch.fx tracing)
+            go through the fused ``bn_relu_pool`` op: the evaluator runs
             :func:`fastmeta.nn.fuse_conv_blocks` ``(model)``, which shares the model's parameters
             and leaves the model object alone (same function; float32 results differ from ATen's
             by rounding, ~1e-6 relative).
