@@ -46,59 +46,10 @@ TARGET_MEMORY, TARGET_TIME = 0.5, 1.4
 
 
 # ------------------------------------------------------------------ models (fastmeta's if present)
-class _Conv4(nn.Module):
-    """Fallback Conv-4: four [conv 3x3, batch norm (batch statistics), ReLU, max-pool 2], linear head."""
-
-    def __init__(self, ways, in_channels=3, hidden=32, image_size=84):
-        super().__init__()
-        layers, c, s = [], in_channels, image_size
-        for _ in range(4):
-            layers += [nn.Conv2d(c, hidden, 3, padding=1), nn.BatchNorm2d(hidden, track_running_stats=False),
-                       nn.ReLU(), nn.MaxPool2d(2)]
-            c, s = hidden, s // 2
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.head = nn.Linear(hidden * s * s, ways)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-class _Block(nn.Module):
-    def __init__(self, cin, cout):
-        super().__init__()
-        bn = lambda: nn.BatchNorm2d(cout, track_running_stats=False)  # noqa: E731
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), bn(), nn.LeakyReLU(0.1),
-                                  nn.Conv2d(cout, cout, 3, padding=1, bias=False), bn(), nn.LeakyReLU(0.1),
-                                  nn.Conv2d(cout, cout, 3, padding=1, bias=False), bn())
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), bn())
-        self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
-
-    def forward(self, x):
-        return self.out(self.body(x) + self.shortcut(x))
-
-
-class _ResNet12(nn.Module):
-    """Fallback ResNet-12 (MetaOptNet's, without DropBlock): four residual blocks, average pool, head."""
-
-    def __init__(self, ways, in_channels=3, widths=(64, 160, 320, 640)):
-        super().__init__()
-        blocks, c = [], in_channels
-        for w in widths:
-            blocks.append(_Block(c, w))
-            c = w
-        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(c, ways)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
 def build(name: str, a) -> nn.Module:
     if name == "conv4":
-        return getattr(fastmeta.models, "Conv4", _Conv4)(a.ways, in_channels=3, hidden=a.hidden, image_size=a.image)
-    widths = tuple(a.widths)
-    cls = getattr(fastmeta.models, "ResNet12", None)
-    return cls(a.ways, in_channels=3, widths=widths) if cls is not None else _ResNet12(a.ways, 3, widths)
+        return fastmeta.Conv4(a.ways, in_channels=3, hidden=a.hidden, image_size=a.image)
+    return fastmeta.ResNet12(a.ways, in_channels=3, widths=tuple(a.widths))
 
 
 def make_batch(a, device) -> TaskBatch:

@@ -1,6 +1,6 @@
 """ResNet-12 second-order MAML: fastmeta fused (fp32, bf16) and unfused vs plain per-task loops.
 
-Workload: ResNet-12 (Lee et al. 2019, MetaOptNet layout: four residual blocks of three
+Workload: ResNet-12 (``fastmeta.ResNet12``; Lee et al. 2019, MetaOptNet layout: four residual blocks of three
 conv3x3-BN-LeakyReLU(0.1) layers, a 1x1 conv + BN shortcut, add, LeakyReLU, MaxPool2d(2); widths
 64-160-320-640 by default), 84x84 RGB, 5-way 1-shot with 15 queries, meta-batch 2, one inner SGD
 step, second-order MAML (Finn et al. 2017, Alg. 2). ``fuse_conv_blocks`` finds two chains per block
@@ -30,66 +30,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastmeta from this checkout
 
 import fastmeta  # noqa: E402
 from fastmeta.nn import count_fusable  # noqa: E402
-from fastmeta.tasks import TaskBatch  # noqa: E402
 from peers import make_fastmeta, make_plain, make_torchopt, peer_status  # noqa: E402
 from timing import gemm_gflops, summary, time_interleaved  # noqa: E402
-from workloads import Workload, smoke  # noqa: E402
+from workloads import Workload, image_workload, smoke  # noqa: E402
 
 FULL = dict(widths=(64, 160, 320, 640), size=84, ways=5, shots=1, queries=15, meta_batch=2)
 TINY = dict(widths=(4, 4, 4, 4), size=16, ways=5, shots=1, queries=2, meta_batch=2)
-INNER_LR = 0.01
-
-
-class ResBlock(nn.Module):
-    """One ResNet-12 block (MetaOptNet's ``BasicBlock`` without DropBlock)."""
-
-    def __init__(self, c_in: int, c_out: int, slope: float = 0.1):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.conv3, self.bn3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.relu, self.maxpool = nn.LeakyReLU(slope), nn.MaxPool2d(2)
-        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out = out + self.downsample(x)
-        return self.maxpool(self.relu(out))
-
-
-class ResNet12(nn.Module):
-    """Input ``[N, 3, H, W]``, output logits ``[N, ways]``: four blocks, global average pool, linear."""
-
-    def __init__(self, ways: int, widths=FULL["widths"], in_channels: int = 3):
-        super().__init__()
-        chans = (in_channels,) + tuple(widths)
-        self.features = nn.Sequential(*(ResBlock(a, b) for a, b in zip(chans[:-1], chans[1:])))
-        self.head = nn.Linear(widths[-1], ways)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
 
 
 def resnet12_workload(widths, size, ways, shots, queries, meta_batch) -> Workload:
-    def sample(T, dtype):
-        g = torch.Generator().manual_seed(0)
-        sx = torch.rand(T, ways * shots, 3, size, size, generator=g, dtype=torch.float64).to(dtype)
-        qx = torch.rand(T, ways * queries, 3, size, size, generator=g, dtype=torch.float64).to(dtype)
-        lab = torch.arange(ways)
-        return TaskBatch(sx, lab.repeat_interleave(shots).expand(T, -1), qx,
-                         lab.repeat_interleave(queries).expand(T, -1), ways=ways)
-
-    return Workload(name="resnet12", title=f"ResNet-12 {'-'.join(map(str, widths))} {size}x{size} "
-                    f"{ways}-way {shots}-shot {queries}q T={meta_batch}", model_fn=lambda: ResNet12(ways, widths),
-                    loss_fn="ce", inner_lr=INNER_LR, meta_batch=meta_batch, sample=sample, conv=True)
+    return image_workload("resnet12", lambda: fastmeta.ResNet12(ways, 3, widths),
+                          f"ResNet-12 {'-'.join(map(str, widths))}", size, meta_batch, ways, shots, queries)
 
 
 def _fm(**kw):

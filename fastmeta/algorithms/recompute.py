@@ -18,13 +18,13 @@ random stream (dropout masks) as step k of the inner loop did.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
 from ..evaluation import Evaluator
 from ..evaluation.evaluator import task_rows
+from ..evaluation.strategy import no_trace
 from ..params import ParamLayout
 from ..profiling import annotate
 from ..tasks import TaskBatch
@@ -65,25 +65,14 @@ def _set_rng_state(state: tuple, devices: list) -> None:
         torch.cuda.set_rng_state(s, d)
 
 
-@contextlib.contextmanager
 def _replay(ev: Evaluator, devices: list):
     """Within: forwards that repeat earlier ones leave no trace. Buffers (batch-norm running
-    statistics and counters) are restored on exit -- the inner loop's forwards already updated them
-    once, as the default mode does -- and so is the global RNG (the caller sets each step's saved
-    state inside; afterwards the stream continues where the query forward left it)."""
-    seen, buffers = set(), []
-    for m in (ev.model, ev.net):
-        for b in m.buffers():
-            if id(b) not in seen:
-                seen.add(id(b))
-                buffers.append((b, b.detach().clone()))
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+    statistics and counters; a fused ``ev.net`` shares the model's) are restored on exit -- the inner
+    loop's forwards already updated them once, as the default mode does -- and so is the global RNG
+    (the caller sets each step's saved state inside; afterwards the stream continues where the query
+    forward left it). ``devices`` (the CUDA devices whose RNG is replayed) are the model's, which
+    :func:`~fastmeta.evaluation.strategy.no_trace` forks."""
+    return no_trace(ev.model)
 
 
 def _chunk_pass(ev: Evaluator, layout: ParamLayout, adapted: torch.Tensor, shared: torch.Tensor, b: TaskBatch,
