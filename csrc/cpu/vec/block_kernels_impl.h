@@ -639,52 +639,104 @@ void dx_flat_t(const S* __restrict__ x, int64_t n, const S* __restrict__ grad_ou
     from_acc((to_acc(x[p]) - mean) * c1 + c0 + to_acc(grad_out[p]) * (idx[p] < 4 ? kg : kn), dx + p);
 }
 
-// channels_last: positions x c elements of one image, per-channel constant arrays.
+// channels_last: positions x c elements of one image, per-channel constant arrays; vectorized over
+// runs of L channels (the channel tail scalar), like the NCHW kernels above.
 template <typename T, typename S>
-void fwd_flat_nhwc_t(const S* __restrict__ x, int64_t positions, int64_t c, const T* scale, const T* shift, T slope, S* __restrict__ out,
-                     uint8_t* __restrict__ idx) {
-  for (int64_t q = 0; q < positions; ++q)
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const int64_t p = q * c + ch;
+void fwd_flat_nhwc_t(const S* __restrict__ x, int64_t positions, int64_t c, const T* scale, const T* shift,
+                     T slope, S* __restrict__ out, uint8_t* __restrict__ idx) {
+  using Ln = Wide<T>;
+  using V = typename Ln::v;
+  using M = typename Ln::m;
+  constexpr int L = Ln::L;
+  for (int64_t q = 0; q < positions; ++q) {
+    const int64_t base = q * c;
+    int64_t ch = 0;
+    for (; ch + L <= c; ch += L) {
+      const V z = load_s<Ln>(x + base + ch) * load_v<V>(scale + ch) + load_v<V>(shift + ch);
+      const M pos = z > T(0);
+      store_s<Ln>(out + base + ch, pos ? z : z * slope + T(0));
+      store_v(idx + base + ch, __builtin_convertvector(~pos & 4, typename Ln::b));
+    }
+    for (; ch < c; ++ch) {
+      const int64_t p = base + ch;
       const T z = to_acc(x[p]) * scale[ch] + shift[ch];
       const bool pos = z > T(0);
       from_acc(pos ? z : z * slope + T(0), out + p);
       idx[p] = pos ? 0 : 4;
     }
-}
-
-template <typename T, typename S>
-void bwd_sums_flat_nhwc_t(const S* __restrict__ x, int64_t positions, int64_t c, const S* __restrict__ grad_out, const uint8_t* __restrict__ idx,
-                          const T* mean, T slope, double* sdz, double* sdzx) {
-  // Per-image partial sums in T (c values), added to the double totals once per image.
-  T sg[64], sgx[64];
-  for (int64_t c0 = 0; c0 < c; c0 += 64) {
-    const int64_t cn = std::min<int64_t>(64, c - c0);
-    std::fill(sg, sg + cn, T(0));
-    std::fill(sgx, sgx + cn, T(0));
-    for (int64_t q = 0; q < positions; ++q)
-      for (int64_t k = 0; k < cn; ++k) {
-        const int64_t p = q * c + c0 + k;
-        const T dz = to_acc(grad_out[p]) * (idx[p] < 4 ? T(1) : slope);
-        sg[k] += dz;
-        sgx[k] += dz * (to_acc(x[p]) - mean[c0 + k]);
-      }
-    for (int64_t k = 0; k < cn; ++k) {
-      sdz[c0 + k] += static_cast<double>(sg[k]);
-      sdzx[c0 + k] += static_cast<double>(sgx[k]);
-    }
   }
 }
 
 template <typename T, typename S>
-void dx_flat_nhwc_t(const S* __restrict__ x, int64_t positions, int64_t c, const S* __restrict__ grad_out, const uint8_t* __restrict__ idx, const T* mean,
-                    const T* c1, const T* c0v, const T* kg, T slope, S* __restrict__ dx) {
-  for (int64_t q = 0; q < positions; ++q)
-    for (int64_t ch = 0; ch < c; ++ch) {
+void bwd_sums_flat_nhwc_t(const S* __restrict__ x, int64_t positions, int64_t c, const S* __restrict__ grad_out,
+                          const uint8_t* __restrict__ idx, const T* mean, T slope, double* sdz, double* sdzx) {
+  // Per-image partial sums in T for a block of up to B vectors of L channels, walking the positions
+  // in memory order (one contiguous run of the block's channels per position), added to the double
+  // totals once per image; the channel tail (c % L) scalar.
+  using Ln = Wide<T>;
+  using V = typename Ln::v;
+  constexpr int L = Ln::L;
+  constexpr int B = 8;
+  const int64_t cv = c - c % L;
+  for (int64_t c0 = 0; c0 < cv; c0 += B * L) {
+    const int nb = static_cast<int>(std::min<int64_t>(B, (cv - c0) / L));
+    V m[B], sg[B], sgx[B];
+    for (int j = 0; j < nb; ++j) {
+      m[j] = load_v<V>(mean + c0 + j * L);
+      sg[j] = V{};
+      sgx[j] = V{};
+    }
+    for (int64_t q = 0; q < positions; ++q) {
+      const int64_t p0 = q * c + c0;
+      for (int j = 0; j < nb; ++j) {
+        const int64_t p = p0 + j * L;
+        const V g = load_s<Ln>(grad_out + p);
+        const V dz = (load_idx<Ln>(idx + p) < 4) ? g : g * slope;
+        sg[j] += dz;
+        sgx[j] += dz * (load_s<Ln>(x + p) - m[j]);
+      }
+    }
+    for (int j = 0; j < nb; ++j)
+      for (int k = 0; k < L; ++k) {
+        sdz[c0 + j * L + k] += static_cast<double>(sg[j][k]);
+        sdzx[c0 + j * L + k] += static_cast<double>(sgx[j][k]);
+      }
+  }
+  for (int64_t ch = cv; ch < c; ++ch) {
+    T sg = 0, sgx = 0;
+    for (int64_t q = 0; q < positions; ++q) {
       const int64_t p = q * c + ch;
+      const T dz = to_acc(grad_out[p]) * (idx[p] < 4 ? T(1) : slope);
+      sg += dz;
+      sgx += dz * (to_acc(x[p]) - mean[ch]);
+    }
+    sdz[ch] += static_cast<double>(sg);
+    sdzx[ch] += static_cast<double>(sgx);
+  }
+}
+
+template <typename T, typename S>
+void dx_flat_nhwc_t(const S* __restrict__ x, int64_t positions, int64_t c, const S* __restrict__ grad_out,
+                    const uint8_t* __restrict__ idx, const T* mean, const T* c1, const T* c0v, const T* kg, T slope,
+                    S* __restrict__ dx) {
+  using Ln = Wide<T>;
+  using V = typename Ln::v;
+  constexpr int L = Ln::L;
+  for (int64_t q = 0; q < positions; ++q) {
+    const int64_t base = q * c;
+    int64_t ch = 0;
+    for (; ch + L <= c; ch += L) {
+      const V k = load_v<V>(kg + ch);
+      const V kk = (load_idx<Ln>(idx + base + ch) < 4) ? k : k * slope;
+      store_s<Ln>(dx + base + ch, (load_s<Ln>(x + base + ch) - load_v<V>(mean + ch)) * load_v<V>(c1 + ch) +
+                                      load_v<V>(c0v + ch) + load_s<Ln>(grad_out + base + ch) * kk);
+    }
+    for (; ch < c; ++ch) {
+      const int64_t p = base + ch;
       const T k = idx[p] < 4 ? kg[ch] : kg[ch] * slope;
       from_acc((to_acc(x[p]) - mean[ch]) * c1[ch] + c0v[ch] + to_acc(grad_out[p]) * k, dx + p);
     }
+  }
 }
 
 // Double backward (second-order MAML differentiates the inner gradient, i.e. the backward). Per
