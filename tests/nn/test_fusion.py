@@ -483,3 +483,19 @@ def test_fused_conv4_meta_gradient_is_not_the_wrong_order(fused_calls):
     got = fastmeta.MetaLearner(model, fastmeta.MAML(0.4, 1), strategy="loop", fused=True).meta_gradient(batch).grad
     assert rel_err(got, oracle(model, batch, 0.4, 1, True)) > 1e-3
     assert rel_err(got, oracle(model, batch, 0.4, 1, False)) < 1e-9
+
+
+def test_unpooled_chains_on_channels_last_inputs_run_their_modules(fused_calls):
+    # BN -> LeakyReLU without a pool: fused on NCHW inputs, but on channels_last ones ATen's batch
+    # norm is the faster path, so the chain runs its modules (same values either way).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1), nn.MaxPool2d(2))
+    fused = fuse_conv_blocks(model)
+    x = torch.randn(4, 3, 8, 8)
+    want = model(x)
+    assert torch.allclose(fused(x), want, atol=1e-5) and len(fused_calls) == 2
+    fused_calls.clear()
+    got = fused(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert fused_calls == [(4, 8, 8, 8)]  # only the pooled chain went through the fused op
