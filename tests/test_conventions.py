@@ -11,22 +11,16 @@ from torch import nn
 
 import fastmeta
 from fastmeta.tasks import RaggedTaskBatch, TaskBatch
-from reference import conv_case, flat, maml_meta_grad, mlp_case, rel_err, task_loss
+from reference import conv_case, flat, maml_meta_grad, mlp_case, rel_err
 
 
 def _plain_maml(model, tasks, loss_fn, lr, steps=1):
-    """Mean over a list of tasks ``(xs, ys, xq, yq)`` (any sizes) of the MAML meta-gradient."""
-    params = {n: p for n, p in model.named_parameters()}
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for xs, ys, xq, yq in tasks:
-        fast = dict(params)
-        for _ in range(steps):
-            g = torch.autograd.grad(task_loss(model, fast, xs, ys, loss_fn), list(fast.values()), create_graph=True)
-            fast = {n: p - lr * gi for (n, p), gi in zip(fast.items(), g)}
-        gq = torch.autograd.grad(task_loss(model, fast, xq, yq, loss_fn), list(params.values()))
-        for n, gi in zip(params, gq):
-            total[n] += gi / len(tasks)
-    return total
+    """Mean over a list of tasks ``(xs, ys, xq, yq)`` (any sizes) of the reference MAML meta-gradient,
+    one single-task batch each."""
+    names = [n for n, _ in model.named_parameters()]
+    per_task = [maml_meta_grad(model, TaskBatch(*(t[None] for t in task)), loss_fn, lr, steps, names)
+                for task in tasks]
+    return {n: sum(g[n] for g in per_task) / len(tasks) for n in names}
 
 
 # ---------------------------------------------------------------- step accumulates like backward()

@@ -198,7 +198,7 @@ class OmniglotTasks:
         if num_tasks < 1:
             raise ValueError(f"num_tasks: expected >= 1, got {num_tasks}")
         n_per = self.shots + self.queries
-        xs, ys = [], []
+        xs = []
         for _ in range(num_tasks):
             picks = torch.randperm(len(self.classes) * self.rot, generator=self.gen)[: self.ways].tolist()
             imgs = []
